@@ -1,0 +1,102 @@
+"""The frozen base: one place that loads and quantizes a causal LM.
+
+`load_base(spec)` goes through `AutoModelForCausalLM.from_pretrained(path, quantization_config=...)`
+for every model, the locally built `tiny` one included, so what the tests exercise is the real
+bitsandbytes path. The base is frozen and prepared for k-bit training (PEFT's recipe: norms and
+embeddings upcast, input gradients enabled so checkpointed blocks get gradients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import TINY, BaseSpec
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Base:
+    """A loaded frozen base. `adapters` maps slot names to the trials currently injected."""
+
+    spec: BaseSpec
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # the folder or hub id it was loaded from (goes into adapter_config.json)
+    device: torch.device
+    layers: dict = field(default_factory=dict)  # module path -> MultiLoraLinear, filled by inject
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return DTYPES[self.spec.compute_dtype]
+
+
+def resolve_source(spec: BaseSpec) -> str:
+    """The folder or hub id that `from_pretrained` receives (the tiny model is built on demand)."""
+    if spec.name_or_path == TINY:
+        from .tiny import tiny_model_path
+
+        return str(tiny_model_path())
+    return spec.name_or_path
+
+
+def quantization_config(spec: BaseSpec):
+    """transformers' `BitsAndBytesConfig` for the spec, or None for the 16-bit baseline."""
+    from transformers import BitsAndBytesConfig
+
+    if spec.quant_type in ("nf4", "fp4"):
+        # bitsandbytes quantizes 4-bit weights in blocks of 64 (its default) and, with double
+        # quantization, the per-block absmax constants again in blocks of 256.
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=spec.quant_type,
+            bnb_4bit_use_double_quant=spec.double_quant,
+            bnb_4bit_compute_dtype=DTYPES[spec.compute_dtype],
+        )
+    if spec.quant_type == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base(spec: BaseSpec, device: str | torch.device | None = None) -> Base:
+    """Load, quantize and freeze the base model of `spec` on `device` (default: cuda if present)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    source = resolve_source(spec)
+    qconfig = quantization_config(spec)
+    kwargs = dict(
+        dtype=DTYPES[spec.compute_dtype],
+        attn_implementation=spec.attn_implementation,
+        revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code,
+    )
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if qconfig is None:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision,
+                                              trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if qconfig is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if not spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+    model.eval()  # the base has no dropout of its own to train; adapters handle theirs
+    return Base(spec=spec, model=model, tokenizer=tokenizer, source=source, device=device)

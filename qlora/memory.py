@@ -1,0 +1,123 @@
+"""Predicted peak memory of a pack, for the scheduler to pack trials against a device's memory.
+
+The formula (bytes; N = tokens per micro-step of one trial = micro_batch_size x seq_len, L
+layers, h hidden size, i intermediate size, V vocabulary, K trials, b = bytes of compute dtype):
+
+    base         = sum over quantized linears of  n x (4 bits + block constants)     nf4/fp4
+                       block constants: 32/64 bits, or 8/64 + 32/(64*256) with double quant
+                 + sum over int8 linears of n x 1 byte + 4 bytes per output row       int8
+                 + n x b for linears when quant is none
+                 + every other weight (embeddings, norms, lm_head) x 4   (upcast by PEFT's
+                   prepare_model_for_kbit_training; x b when quant is none)
+    adapters     = sum_k P_k x 4      (P_k = sum over targeted linears r_k (in + out), fp32)
+    gradients    = sum_k P_k x 4
+    optimizer    = sum_k P_k x 8      (AdamW 32-bit: two fp32 moments; 8-bit: x 2)
+    activations  = sum_k N_k x per_token, where per_token is
+                     with checkpointing:   L x h x b  (each block's input)  +  one block's worth
+                     without:              L x (10 h + 4 i) x b
+                   one block's worth = (10 h + 4 i) x b, plus per adapter and targeted linear the
+                   dropout input h x 4 and the rank-r output r x 4
+    logits       = max_k N_k x V x 4 x 3   (fp32 logits, softmax and its gradient, one trial at a
+                   time since losses are formed per segment)
+    overhead     = a fixed 0.6 GiB on CUDA (context, cuBLAS workspace, allocator slack)
+
+It is an estimate, not a bound: it is calibrated against measured peaks by the GPU benchmark
+(BENCHMARKS.md) and the planner keeps a safety margin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .config import BaseSpec, TrialSpec
+
+GIB = 1024**3
+CUDA_OVERHEAD = int(0.6 * GIB)
+_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass
+class MemoryEstimate:
+    base: int
+    adapters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return sum(asdict(self).values())
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def model_shapes(source: str, trust_remote_code: bool = False) -> dict:
+    """Linear shapes and other parameter counts of a model, read from its config (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings()
+    linears, other = {}, 0
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            linears[path] = (module.in_features, module.out_features)
+    linear_params = sum(i * o for i, o in linears.values())
+    other = sum(p.numel() for p in model.parameters()) - linear_params
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return dict(linears=linears, other=other, layers=text.num_hidden_layers,
+                hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size",
+                                                              4 * text.hidden_size),
+                vocab=text.vocab_size)
+
+
+def quantized_linear_bytes(n: int, out_features: int, spec: BaseSpec) -> float:
+    """Bytes one frozen linear of n weights occupies under `spec`'s quantization."""
+    if spec.quant_type in ("nf4", "fp4"):
+        constants = (8 / 64 + 32 / (64 * 256)) if spec.double_quant else 32 / 64
+        return n * (4 + constants) / 8
+    if spec.quant_type == "int8":
+        return n + 4 * out_features
+    return n * _BYTES[spec.compute_dtype]
+
+
+def estimate_memory(spec: BaseSpec, trials: list[TrialSpec], shapes: dict | None = None,
+                    device_type: str = "cuda") -> MemoryEstimate:
+    """Predicted peak bytes of training `trials` as one pack on `spec`'s base (see module doc)."""
+    from .base import resolve_source
+
+    shapes = shapes or model_shapes(resolve_source(spec), spec.trust_remote_code)
+    b = _BYTES[spec.compute_dtype]
+    base = sum(quantized_linear_bytes(i * o, o, spec) for i, o in shapes["linears"].values())
+    base += shapes["other"] * (4 if spec.quant_type != "none" else b)
+
+    h, i, L, V = shapes["hidden"], shapes["intermediate"], shapes["layers"], shapes["vocab"]
+    adapter_params, act, logit_tokens = 0, 0, 0
+    optimizer = 0
+    for t in trials:
+        targets = _targets(shapes["linears"], t.target_modules)
+        p = sum(t.r * (fi + fo) for fi, fo in targets)
+        adapter_params += p
+        optimizer += p * (2 if t.optimizer == "paged_adamw_8bit" else 8)
+        n = t.micro_batch_size * t.data.seq_len
+        block = (10 * h + 4 * i) * b + len(targets) / max(1, L) * (h + t.r) * 4
+        per_token = (L * h * b + block) if spec.gradient_checkpointing else L * block
+        act += n * per_token
+        logit_tokens = max(logit_tokens, n)
+    return MemoryEstimate(
+        base=int(base), adapters=adapter_params * 4, gradients=adapter_params * 4,
+        optimizer=int(optimizer), activations=int(act), logits=int(logit_tokens * V * 4 * 3),
+        overhead=CUDA_OVERHEAD if device_type == "cuda" else 0,
+    )
+
+
+def _targets(linears: dict, target_modules) -> list[tuple[int, int]]:
+    if target_modules == "all-linear":
+        return list(linears.values())
+    return [s for path, s in linears.items()
+            if any(path == t or path.endswith("." + t) for t in target_modules)]

@@ -1,0 +1,309 @@
+"""`train_pack`: K independent trials trained together on one frozen base, step by step.
+
+What the recipe does, in the order it runs:
+
+1. **Open a slot per trial.** Inject its adapter (own rank, alpha, dropout, init seed), build its
+   optimizer (own learning rate, schedule, clipping) and its data stream (own order).
+2. **One micro-step for all.** Each active trial contributes its micro-batch as one row segment;
+   the base runs once over all rows, each adapter adds its path to its own rows.
+3. **Loss = sum of per-trial mean token losses**, so each adapter's gradient is its own data's.
+   A trial whose loss is NaN/inf is left out of the sum and stopped as diverged.
+4. **Per trial, every `grad_accum_steps` micro-steps:** its gradient norm (NaN/inf: diverged),
+   clipping of its own gradients, its learning rate for the step, its optimizer step.
+5. **Evaluate** trials that are due (every `eval_every` steps and at the end) together, each on
+   its own held-out split; report metrics through `on_metrics`, which may stop a trial early.
+6. **Close** finished trials: export the adapter in PEFT's format, report through `on_trial_end`,
+   free the slot and fill it from `next_trial` (backfill) without touching the base.
+
+Trade-offs: evaluation of K trials costs K passes' worth of rows (each adapter needs its own
+outputs); per-segment LoRA matmuls are small and issued one after another, which is cheap next to
+the base's matmul for realistic K and ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import inject, remove, routing_of
+from .base import Base
+from .config import DataSpec, TrialSpec
+from .export import adapter_files
+from .layer import Segment
+from .optim import build_optimizer, clip_, grad_norm, lr_at
+from .stream import IGNORE, TrialStream, collate
+
+EVAL_BATCH_SIZE = 8
+
+MetricsCallback = Callable[[str, int, dict], "bool | None"]
+
+
+@dataclass
+class TrialResult:
+    """How a trial ended. `adapter` holds its PEFT files for finished (and early-stopped) trials."""
+
+    trial_id: str
+    status: str  # finished | diverged | stopped | failed
+    steps: int
+    eval_loss: float | None
+    train_losses: list[float] = field(default_factory=list)
+    eval_history: list[tuple[int, float]] = field(default_factory=list)
+    reason: str | None = None
+    adapter: dict[str, bytes] | None = None
+
+
+@dataclass
+class _Slot:
+    spec: TrialSpec
+    key: str
+    params: list
+    optimizer: torch.optim.Optimizer
+    stream: TrialStream
+    data: object  # qlora.data.TokenizedData
+    step: int = 0
+    micro: int = 0
+    pending: list = field(default_factory=list)  # micro-batch losses of the current step
+    train_losses: list = field(default_factory=list)
+    eval_history: list = field(default_factory=list)  # (step, eval_loss)
+    result: TrialResult | None = None
+    eval_due: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+
+def train_pack(
+    base: Base,
+    trials: list[TrialSpec],
+    *,
+    on_metrics: MetricsCallback | None = None,
+    on_trial_end: Callable[[TrialResult], None] | None = None,
+    next_trial: Callable[[], TrialSpec | None] | None = None,
+    datasets: dict[DataSpec, object] | None = None,
+) -> list[TrialResult]:
+    """Train `trials` together on `base`; return one TrialResult per trial, in the order they ended.
+
+    Each trial's numbers equal those of the same trial trained alone (float tolerance). The base
+    holds no adapter afterwards and may train the next pack. `datasets` may supply tokenized data
+    per DataSpec (otherwise `qlora.data.load_data` reads it, once per distinct spec).
+    """
+    if len({t.trial_id for t in trials}) != len(trials):
+        raise ValueError("trial ids in a pack must be distinct")
+    capacity = max(1, len(trials))
+    data_cache: dict[DataSpec, object] = dict(datasets or {})
+    slots: list[_Slot] = []
+    results: list[TrialResult] = []
+    try:
+        for spec in trials:
+            slots.append(_open_slot(base, spec, data_cache))
+        while True:
+            active = [s for s in slots if not s.done]
+            while next_trial is not None and len(active) < capacity:
+                spec = next_trial()
+                if spec is None:
+                    next_trial = None
+                    break
+                slot = _open_slot(base, spec, data_cache)
+                slots.append(slot)
+                active.append(slot)
+            if not active:
+                break
+            _micro_step(base, active, on_metrics)
+            due = [s for s in active if s.eval_due and not s.done]
+            if due:
+                _evaluate_and_report(base, due, on_metrics)
+            for slot in active:
+                if slot.done:
+                    _close_slot(base, slot, results, on_trial_end)
+    finally:
+        for slot in slots:
+            remove(base, slot.key)
+        routing_of(base).segments = []
+    return results
+
+
+# -- slots -------------------------------------------------------------------------------------
+
+def _open_slot(base: Base, spec: TrialSpec, data_cache: dict) -> _Slot:
+    if spec.data not in data_cache:
+        from .data import load_data
+
+        data_cache[spec.data] = load_data(spec.data, base.tokenizer)
+    data = data_cache[spec.data]
+    key = f"t{spec.trial_id}"
+    params = inject(base, key, spec)
+    return _Slot(
+        spec=spec, key=key, params=params, optimizer=build_optimizer(params, spec),
+        stream=TrialStream(len(data.train), spec.micro_batch_size, spec.seed), data=data,
+    )
+
+
+def _close_slot(base: Base, slot: _Slot, results: list, on_trial_end) -> None:
+    result = slot.result
+    if result.status in ("finished", "stopped"):
+        result.adapter = adapter_files(base, slot.key, slot.spec)
+    remove(base, slot.key)
+    slot.optimizer.state.clear()
+    slot.params.clear()
+    results.append(result)
+    if on_trial_end is not None:
+        on_trial_end(result)
+
+
+def _end(slot: _Slot, status: str, reason: str | None = None) -> None:
+    slot.result = TrialResult(
+        trial_id=slot.spec.trial_id, status=status, steps=slot.step,
+        eval_loss=slot.eval_history[-1][1] if slot.eval_history else None,
+        train_losses=list(slot.train_losses), eval_history=list(slot.eval_history), reason=reason,
+    )
+
+
+# -- one micro-step for every active trial ------------------------------------------------------
+
+def _micro_step(base: Base, active: list[_Slot], on_metrics) -> None:
+    for slot in active:
+        if slot.spec.inject_oom_at_step is not None and slot.step + 1 == slot.spec.inject_oom_at_step:
+            raise torch.OutOfMemoryError(
+                f"injected out-of-memory at step {slot.step + 1} (trial {slot.spec.trial_id})")
+    parts = [[slot.data.train[i] for i in slot.stream.next_indices()] for slot in active]
+    batch = collate(parts, base.tokenizer.pad_token_id, base.device)
+    routing = routing_of(base)
+    routing.segments = [Segment(s.key, a, b, tick=s.micro, width=s.spec.data.seq_len)
+                        for s, (a, b) in zip(active, batch.bounds, strict=True)]
+    base.model.train()
+    offload = (torch.autograd.graph.save_on_cpu(pin_memory=True)
+               if base.spec.activation_offload and base.device.type == "cuda"
+               else contextlib.nullcontext())
+    with offload:
+        losses = _segment_losses(base, batch)
+    total = None
+    for slot, loss in zip(active, losses, strict=True):
+        if not torch.isfinite(loss):
+            _end(slot, "diverged", f"diverged at step {slot.step + 1}: loss is {loss.item()}")
+            continue
+        slot.pending.append(loss.item())
+        scaled = loss / slot.spec.grad_accum_steps
+        total = scaled if total is None else total + scaled
+    if total is not None:
+        total.backward()
+    routing.segments = []
+    for slot in active:
+        slot.micro += 1
+        if slot.done:
+            _drop_grads(slot)
+        elif slot.micro % slot.spec.grad_accum_steps == 0:
+            _optimizer_step(slot, on_metrics)
+
+
+def _segment_losses(base: Base, batch) -> list[torch.Tensor]:
+    """Each segment's mean token loss; logits are formed one segment at a time to bound memory."""
+    model = base.model
+    hidden = model.get_decoder()(input_ids=batch.input_ids,
+                                 attention_mask=batch.attention_mask).last_hidden_state
+    head = model.get_output_embeddings()
+    losses = []
+    for start, end in batch.bounds:
+        labels = batch.labels[start:end, 1:]
+        h = hidden[start:end, :-1]
+        logits = head(h.to(head.weight.dtype)).float()
+        n_tokens = (labels != IGNORE).sum().clamp(min=1)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum") / n_tokens
+        losses.append(loss)
+    return losses
+
+
+def _drop_grads(slot: _Slot) -> None:
+    for p in slot.params:
+        p.grad = None
+
+
+def _optimizer_step(slot: _Slot, on_metrics) -> None:
+    spec = slot.spec
+    norm = grad_norm(slot.params)
+    if not torch.isfinite(norm):
+        _drop_grads(slot)
+        _end(slot, "diverged", f"diverged at step {slot.step + 1}: gradient norm is {norm.item()}")
+        return
+    clip_(slot.params, norm, spec.max_grad_norm)
+    lr = lr_at(spec, slot.step)
+    for group in slot.optimizer.param_groups:
+        group["lr"] = lr
+    slot.optimizer.step()
+    slot.optimizer.zero_grad(set_to_none=True)
+    slot.step += 1
+    train_loss = sum(slot.pending) / len(slot.pending)
+    slot.pending.clear()
+    slot.train_losses.append(train_loss)
+    metrics = {"train_loss": train_loss, "learning_rate": lr, "grad_norm": norm.item()}
+    if on_metrics is not None and on_metrics(spec.trial_id, slot.step, metrics):
+        _end(slot, "stopped", f"stopped early at step {slot.step}")
+        return
+    at_end = slot.step >= spec.max_steps
+    if at_end or (spec.eval_every and slot.step % spec.eval_every == 0):
+        slot.eval_due = True
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+def _evaluate_and_report(base: Base, due: list[_Slot], on_metrics) -> None:
+    losses = evaluate(base, [(s.key, s.data.eval) for s in due])
+    for slot, loss in zip(due, losses, strict=True):
+        slot.eval_due = False
+        slot.eval_history.append((slot.step, loss))
+        stop = on_metrics is not None and on_metrics(slot.spec.trial_id, slot.step,
+                                                     {"eval_loss": loss})
+        if slot.step >= slot.spec.max_steps:
+            _end(slot, "finished")
+        elif stop:
+            _end(slot, "stopped", f"stopped early at step {slot.step}")
+
+
+@torch.no_grad()
+def evaluate(base: Base, parts: list[tuple[str, list]]) -> list[float]:
+    """Token-weighted mean loss of each (adapter slot, examples) pair, evaluated together."""
+    model = base.model
+    model.eval()
+    sums = [0.0] * len(parts)
+    counts = [0] * len(parts)
+    rounds = max(math.ceil(len(ex) / EVAL_BATCH_SIZE) for _, ex in parts)
+    routing = routing_of(base)
+    for r in range(rounds):
+        chunk = [(i, key, ex[r * EVAL_BATCH_SIZE:(r + 1) * EVAL_BATCH_SIZE])
+                 for i, (key, ex) in enumerate(parts)]
+        chunk = [c for c in chunk if c[2]]
+        batch = collate([c[2] for c in chunk], base.tokenizer.pad_token_id, base.device)
+        routing.segments = [Segment(key, a, b) for (_, key, _), (a, b)
+                            in zip(chunk, batch.bounds, strict=True)]
+        hidden = model.get_decoder()(input_ids=batch.input_ids,
+                                     attention_mask=batch.attention_mask).last_hidden_state
+        head = model.get_output_embeddings()
+        for (i, _, _), (start, end) in zip(chunk, batch.bounds, strict=True):
+            labels = batch.labels[start:end, 1:]
+            logits = head(hidden[start:end, :-1].to(head.weight.dtype)).float()
+            sums[i] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                       ignore_index=IGNORE, reduction="sum").item()
+            counts[i] += int((labels != IGNORE).sum())
+    routing.segments = []
+    return [s / max(1, c) for s, c in zip(sums, counts, strict=True)]
+
+
+@torch.no_grad()
+def adapter_logits(base: Base, slot: str, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of the base with adapter `slot` alone (eval mode): for checks against PEFT."""
+    routing = routing_of(base)
+    routing.segments = [Segment(slot, 0, input_ids.shape[0])]
+    base.model.eval()
+    try:
+        return base.model(input_ids=input_ids.to(base.device),
+                          attention_mask=None if attention_mask is None
+                          else attention_mask.to(base.device)).logits
+    finally:
+        routing.segments = []
