@@ -87,16 +87,37 @@ def load_base(spec: BaseSpec, device: str | torch.device | None = None) -> Base:
     for p in model.parameters():
         p.requires_grad_(False)
     if qconfig is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if not spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
+        _upcast_unquantized(model)
+    _set_checkpointing(model, spec.gradient_checkpointing,
+                       spec.activation_offload and device.type == "cuda")
     model.eval()  # the base has no dropout of its own to train; adapters handle theirs
     return Base(spec=spec, model=model, tokenizer=tokenizer, source=source, device=device)
+
+
+def _upcast_unquantized(model: torch.nn.Module) -> None:
+    """PEFT's k-bit preparation: 16-bit weights that stay unquantized (norms, embeddings, lm_head)
+    are kept in float32 for stable training; the 4-/8-bit weights are left as they are."""
+    for param in model.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(torch.float32)
+
+
+def _set_checkpointing(model: torch.nn.Module, on: bool, offload: bool = False) -> None:
+    """Gradient (activation) checkpointing of the decoder blocks, non-reentrant.
+
+    Input gradients are enabled so that checkpointed blocks of a frozen model still get gradients
+    to the adapters inside them. With `offload`, transformers >= 5 keeps the checkpointed inputs
+    in pinned host memory (the engine offloads the rest of the saved tensors itself).
+    """
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        if on:
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}, offload=offload)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    if on:
+        model.enable_input_require_grads()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -235,7 +236,10 @@ def _optimizer_step(slot: _Slot, on_metrics) -> None:
     lr = lr_at(spec, slot.step)
     for group in slot.optimizer.param_groups:
         group["lr"] = lr
-    slot.optimizer.step()
+    with warnings.catch_warnings():
+        # bitsandbytes says at each step, on a CPU, that paged optimizers fall back to unpaged.
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported")
+        slot.optimizer.step()
     slot.optimizer.zero_grad(set_to_none=True)
     slot.step += 1
     train_loss = sum(slot.pending) / len(slot.pending)

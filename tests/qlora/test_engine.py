@@ -1,0 +1,255 @@
+"""The engine's promises: packed equals alone, isolation, PEFT round trip, storage, backfill."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from qlora import BaseSpec, DataSpec, TrialSpec, adapter_logits, load_base, train_pack, write_adapter
+from qlora.adapters import inject, load_adapter_state, remove
+from qlora.export import PEFT_PREFIX
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DATA = DataSpec(seq_len=48)
+
+
+@dataclass
+class Ex:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Tokenized:
+    train: list
+    eval: list
+
+
+def _examples(n: int, seed: int) -> list[Ex]:
+    """Causal-LM examples of varied length whose second half is the response (prompt masked)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(12, 40, (1,), generator=gen))
+        ids = [1] + torch.randint(4, 100, (length,), generator=gen).tolist()
+        cut = length // 2
+        out.append(Ex(ids, [-100] * cut + ids[cut:]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data():
+    return {DATA: Tokenized(_examples(64, 0), _examples(24, 1))}
+
+
+def _base(gc: bool, quant: str = "nf4", dtype: str = "float32"):
+    return load_base(BaseSpec(quant_type=quant, compute_dtype=dtype, gradient_checkpointing=gc),
+                     device=DEVICE)
+
+
+def _trials(steps: int = 20) -> list[TrialSpec]:
+    # Different rank, alpha, learning rate, accumulation, optimizer: nothing shared but the base.
+    settings = [(4, 8.0, 1e-3, 1, "paged_adamw_32bit"), (8, 16.0, 3e-3, 2, "adamw"),
+                (16, 8.0, 5e-4, 1, "paged_adamw_8bit"), (2, 4.0, 2e-3, 1, "adamw")]
+    return [TrialSpec(trial_id=f"t{k}", seed=100 + k, r=r, alpha=a, learning_rate=lr,
+                      grad_accum_steps=acc, optimizer=opt, max_steps=steps, micro_batch_size=2,
+                      dropout=0.1, eval_every=10, warmup_steps=2, data=DATA)
+            for k, (r, a, lr, acc, opt) in enumerate(settings)]
+
+
+def _curve(result) -> list[float]:
+    return result.train_losses + [loss for _, loss in result.eval_history]
+
+
+def _max_rel(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b)
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+
+def _by_id(results) -> dict:
+    return {r.trial_id: r for r in results}
+
+
+@pytest.mark.parametrize("gc", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_packed_equals_alone(data, gc):
+    base = _base(gc)
+    trials = _trials()
+    packed = _by_id(train_pack(base, trials, datasets=data))
+    for trial in trials:
+        alone = train_pack(base, [trial], datasets=data)[0]
+        together = packed[trial.trial_id]
+        assert together.status == alone.status == "finished"
+        assert len(together.train_losses) == 20 and [s for s, _ in together.eval_history] == [10, 20]
+        assert _max_rel(_curve(together), _curve(alone)) <= 1e-4
+    # The trials really differ, so equality above is not equality of untrained adapters.
+    finals = sorted(r.eval_loss for r in packed.values())
+    assert finals[-1] - finals[0] > 1e-3
+
+
+def test_diverging_trial_is_stopped_and_isolated(data):
+    base = _base(gc=False)
+    healthy = _trials(steps=12)[:3]
+    wild = TrialSpec(trial_id="wild", seed=7, r=8, alpha=16.0, learning_rate=1e4, max_steps=12,
+                     micro_batch_size=2, optimizer="adamw", data=DATA)
+    reference = _by_id(train_pack(base, healthy, datasets=data))
+    ended = []
+    mixed = _by_id(train_pack(base, [healthy[0], wild, *healthy[1:]], datasets=data,
+                              on_trial_end=lambda r: ended.append(r.trial_id)))
+    assert mixed["wild"].status == "diverged"
+    assert mixed["wild"].reason.startswith(f"diverged at step {mixed['wild'].steps + 1}")
+    assert mixed["wild"].adapter is None
+    assert ended[0] == "wild"  # reported as soon as it happened, not at the end of the pack
+    for trial in healthy:
+        assert mixed[trial.trial_id].status == "finished"
+        assert _max_rel(_curve(mixed[trial.trial_id]), _curve(reference[trial.trial_id])) <= 1e-4
+
+
+def test_peft_round_trip(data, tmp_path):
+    from peft import PeftModel
+
+    base = _base(gc=False)
+    trial = TrialSpec(trial_id="rt", seed=3, r=8, alpha=16.0, learning_rate=1e-2, max_steps=6,
+                      micro_batch_size=2, optimizer="adamw", data=DATA)
+    result = train_pack(base, [trial], datasets=data)[0]
+    folder = write_adapter(result.adapter, tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16.0
+    assert config["base_model_name_or_path"] == base.source
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                             "up_proj", "down_proj"}
+    weights = load_safetensors((folder / "adapter_model.safetensors").read_bytes())
+    assert all(k.startswith(PEFT_PREFIX) and k.endswith(("lora_A.weight", "lora_B.weight"))
+               for k in weights)
+
+    # The engine's logits with the exported weights, against PEFT's on a freshly loaded base.
+    inject(base, "check", trial)
+    load_adapter_state(base, "check", {k[len(PEFT_PREFIX):]: v for k, v in weights.items()})
+    ids = torch.randint(4, 100, (3, 24), generator=torch.Generator().manual_seed(0))
+    ours = adapter_logits(base, "check", ids).float().cpu()
+    remove(base, "check")
+    fresh = _base(gc=False)
+    with torch.no_grad():
+        plain = fresh.model(input_ids=ids.to(fresh.device)).logits.float().cpu()
+        peft_model = PeftModel.from_pretrained(fresh.model, str(folder)).eval()
+        theirs = peft_model(input_ids=ids.to(fresh.device)).logits.float().cpu()
+    assert (ours - plain).abs().max() > 1e-3  # the adapter matters
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-4
+
+
+def _bits_per_weight(model) -> float:
+    """Bits per weight of the quantized linears, from the tensors bitsandbytes holds."""
+    import bitsandbytes as bnb
+
+    bits = weights = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w, qs = module.weight, module.weight.quant_state
+            n = w.shape[0] * w.shape[1] if w.dim() == 2 and w.shape[1] != 1 else qs.shape.numel()
+            stored = w.numel() * w.element_size() + qs.absmax.numel() * qs.absmax.element_size()
+            if qs.nested:
+                stored += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+            bits, weights = bits + 8 * stored, weights + n
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            w = module.weight
+            bits += 8 * w.numel() * w.element_size()
+            weights += w.numel()
+        elif isinstance(module, torch.nn.Linear) and module.out_features != model.config.vocab_size:
+            bits += 8 * module.weight.numel() * module.weight.element_size()
+            weights += module.weight.numel()
+    return bits / weights
+
+
+@pytest.mark.parametrize("quant, double, expected", [
+    ("nf4", False, 4.5),
+    ("nf4", True, 4 + 8 / 64 + 32 / (64 * 256)),
+    ("fp4", False, 4.5),
+    ("fp4", True, 4 + 8 / 64 + 32 / (64 * 256)),
+    ("int8", False, 8.0),
+    ("none", False, 32.0),  # float32 compute on the CPU; 16 with bf16
+])
+def test_storage_bits_per_weight(quant, double, expected):
+    import bitsandbytes as bnb
+
+    base = load_base(BaseSpec(quant_type=quant, double_quant=double, compute_dtype="float32",
+                              gradient_checkpointing=False), device=DEVICE)
+    linears = [m for m in base.model.modules()
+               if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    assert bool(linears) == (quant != "none")
+    if quant in ("nf4", "fp4"):
+        assert all(m.weight.quant_state.quant_type == quant for m in linears)
+        assert all(m.weight.quant_state.blocksize == 64 for m in linears)
+        assert all(m.weight.quant_state.nested == double for m in linears)
+    assert _bits_per_weight(base.model) == pytest.approx(expected, abs=1e-9)
+
+
+def test_import_qlora_leaves_orchestration_stack_out():
+    code = ("import sys, qlora, qlora.train, qlora.data, qlora.memory; "
+            "bad = [m for m in ('ray', 'mlflow', 'hydra', 'omegaconf', 'orchestrator') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_backfill_and_early_stop_keep_numbers(data):
+    base = _base(gc=False)
+    trials = _trials(steps=8)
+    queue = list(trials[2:])
+    active_seen = []
+
+    def on_metrics(trial_id, step, metrics):
+        active_seen.append(trial_id)
+        return trial_id == "t1" and step == 4  # stop t1 early: frees its slot for backfill
+
+    model_before = base.model
+    results = _by_id(train_pack(base, trials[:2], datasets=data, on_metrics=on_metrics,
+                                next_trial=lambda: queue.pop(0) if queue else None))
+    assert base.model is model_before and not base.layers["model.layers.0.self_attn.q_proj"].adapters
+    assert set(results) == {"t0", "t1", "t2", "t3"}
+    assert results["t1"].status == "stopped" and results["t1"].steps == 4
+    assert results["t1"].adapter is not None
+    # t2 started when t1 stopped, alongside t0: never more than 2 trials at once.
+    assert active_seen.index("t2") < active_seen.index("t3")
+    for trial in (trials[0], trials[2], trials[3]):
+        alone = train_pack(base, [trial], datasets=data)[0]
+        assert _max_rel(_curve(results[trial.trial_id]), _curve(alone)) <= 1e-4
+
+
+def test_memory_estimate_matches_quantized_storage():
+    import bitsandbytes as bnb
+
+    from qlora.memory import estimate_memory
+
+    spec = BaseSpec(compute_dtype="float32", gradient_checkpointing=True)
+    base = load_base(spec, device="cpu")
+    stored = 0
+    for module in base.model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            qs = module.weight.quant_state
+            stored += module.weight.numel() + qs.absmax.numel() + 4 * qs.state2.absmax.numel()
+    stored += sum(p.numel() * p.element_size() for n, p in base.model.named_parameters()
+                  if "proj" not in n)
+    trials = _trials()
+    est = estimate_memory(spec, trials, device_type="cpu")
+    assert est.base == pytest.approx(stored, rel=0.01)
+    assert est.adapters == 4 * sum(p.numel() for t in trials for p in inject(base, t.trial_id, t))
+    no_gc = estimate_memory(BaseSpec(compute_dtype="float32", gradient_checkpointing=False),
+                            trials, device_type="cpu")
+    assert no_gc.activations > est.activations
+    assert estimate_memory(spec, trials[:1], device_type="cpu").total < est.total
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gc", [False, True])
+def test_packed_equals_alone_bf16_gpu(data, gc):
+    base = _base(gc, dtype="bfloat16")
+    trials = _trials(steps=10)
+    packed = _by_id(train_pack(base, trials, datasets=data))
+    for trial in trials:
+        alone = train_pack(base, [trial], datasets=data)[0]
+        assert _max_rel(_curve(packed[trial.trial_id]), _curve(alone)) <= 2e-2
