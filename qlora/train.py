@@ -27,11 +27,13 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .adapters import inject, remove, routing_of
+from . import checkpoint
+from .adapters import adapter_state, inject, load_adapter_state, remove, routing_of
 from .base import Base
 from .config import DataSpec, TrialSpec
 from .export import adapter_files
@@ -73,6 +75,8 @@ class _Slot:
     eval_history: list = field(default_factory=list)  # (step, eval_loss)
     result: TrialResult | None = None
     eval_due: bool = False
+    saved_step: int = 0
+    closed: bool = False
 
     @property
     def done(self) -> bool:
@@ -87,12 +91,18 @@ def train_pack(
     on_trial_end: Callable[[TrialResult], None] | None = None,
     next_trial: Callable[[], TrialSpec | None] | None = None,
     datasets: dict[DataSpec, object] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
 ) -> list[TrialResult]:
     """Train `trials` together on `base`; return one TrialResult per trial, in the order they ended.
 
     Each trial's numbers equal those of the same trial trained alone (float tolerance). The base
     holds no adapter afterwards and may train the next pack. `datasets` may supply tokenized data
     per DataSpec (otherwise `qlora.data.load_data` reads it, once per distinct spec).
+
+    With `checkpoint_dir`, each trial is checkpointed every `checkpoint_every` steps (0: only when
+    it ends) under `<checkpoint_dir>/<trial_id>/`, and a trial that has a checkpoint there continues
+    from it: the steps after the checkpoint reproduce the uninterrupted run.
     """
     if len({t.trial_id for t in trials}) != len(trials):
         raise ValueError("trial ids in a pack must be distinct")
@@ -102,26 +112,28 @@ def train_pack(
     results: list[TrialResult] = []
     try:
         for spec in trials:
-            slots.append(_open_slot(base, spec, data_cache))
+            slots.append(_open_slot(base, spec, data_cache, checkpoint_dir))
         while True:
+            for slot in slots:  # trials that ended last round, or were restored already ended
+                if slot.done and not slot.closed:
+                    _close_slot(base, slot, results, on_trial_end)
             active = [s for s in slots if not s.done]
-            while next_trial is not None and len(active) < capacity:
+            if next_trial is not None and len(active) < capacity:
                 spec = next_trial()
                 if spec is None:
                     next_trial = None
-                    break
-                slot = _open_slot(base, spec, data_cache)
-                slots.append(slot)
-                active.append(slot)
+                else:
+                    slots.append(_open_slot(base, spec, data_cache, checkpoint_dir))
+                continue  # close it at once if it was restored ended; ask again if room is left
             if not active:
                 break
             _micro_step(base, active, on_metrics)
             due = [s for s in active if s.eval_due and not s.done]
             if due:
                 _evaluate_and_report(base, due, on_metrics)
-            for slot in active:
-                if slot.done:
-                    _close_slot(base, slot, results, on_trial_end)
+            if checkpoint_dir is not None:
+                for slot in active:
+                    _maybe_checkpoint(base, slot, checkpoint_dir, checkpoint_every)
     finally:
         for slot in slots:
             remove(base, slot.key)
@@ -131,7 +143,7 @@ def train_pack(
 
 # -- slots -------------------------------------------------------------------------------------
 
-def _open_slot(base: Base, spec: TrialSpec, data_cache: dict) -> _Slot:
+def _open_slot(base: Base, spec: TrialSpec, data_cache: dict, checkpoint_dir=None) -> _Slot:
     if spec.data not in data_cache:
         from .data import load_data
 
@@ -139,10 +151,43 @@ def _open_slot(base: Base, spec: TrialSpec, data_cache: dict) -> _Slot:
     data = data_cache[spec.data]
     key = f"t{spec.trial_id}"
     params = inject(base, key, spec)
-    return _Slot(
+    slot = _Slot(
         spec=spec, key=key, params=params, optimizer=build_optimizer(params, spec),
         stream=TrialStream(len(data.train), spec.micro_batch_size, spec.seed), data=data,
     )
+    saved = checkpoint.load(checkpoint_dir, spec.trial_id) if checkpoint_dir else None
+    if saved is not None:
+        _restore(base, slot, *saved)
+    return slot
+
+
+def _restore(base: Base, slot: _Slot, adapter: dict, optimizer_state: dict, state: dict) -> None:
+    load_adapter_state(base, slot.key, adapter)
+    if optimizer_state["state"]:
+        slot.optimizer.load_state_dict(optimizer_state)
+    slot.step, slot.micro, slot.saved_step = state["step"], state["micro"], state["step"]
+    slot.stream = TrialStream(len(slot.data.train), slot.spec.micro_batch_size, slot.spec.seed,
+                              **state["data_position"])
+    slot.train_losses = list(state["train_losses"])
+    slot.eval_history = [tuple(e) for e in state["eval_history"]]
+    if state.get("status"):
+        _end(slot, state["status"], state.get("reason"))
+
+
+def _maybe_checkpoint(base: Base, slot: _Slot, root, every: int) -> None:
+    """Checkpoint after a step's evaluations, every `every` steps and when the trial ends."""
+    if slot.step == slot.saved_step and not slot.done:
+        return
+    ended_well = slot.done and slot.result.status in ("finished", "stopped")
+    if not (ended_well or (every and slot.step % every == 0 and not slot.done)):
+        return
+    state = {"trial_id": slot.spec.trial_id, "step": slot.step, "micro": slot.micro,
+             "data_position": slot.stream.position(), "train_losses": slot.train_losses,
+             "eval_history": slot.eval_history}
+    if ended_well:
+        state.update(status=slot.result.status, reason=slot.result.reason)
+    checkpoint.save(root, slot.spec.trial_id, adapter_state(base, slot.key), slot.optimizer, state)
+    slot.saved_step = slot.step
 
 
 def _close_slot(base: Base, slot: _Slot, results: list, on_trial_end) -> None:
@@ -150,6 +195,7 @@ def _close_slot(base: Base, slot: _Slot, results: list, on_trial_end) -> None:
     if result.status in ("finished", "stopped"):
         result.adapter = adapter_files(base, slot.key, slot.spec)
     remove(base, slot.key)
+    slot.closed = True
     slot.optimizer.state.clear()
     slot.params.clear()
     results.append(result)

@@ -1,0 +1,77 @@
+"""Checkpoints: a trial resumed from its checkpoint reproduces the uninterrupted run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora import TrialSpec, train_pack
+from qlora import checkpoint as ckpt
+from test_engine import DATA, _base, _by_id, _curve, _max_rel, data  # noqa: F401  (fixture)
+
+
+class Killed(Exception):
+    """Stands in for a process killed mid-trial."""
+
+
+def _pair(steps: int = 12) -> list[TrialSpec]:
+    return [TrialSpec(trial_id=f"c{k}", seed=50 + k, r=r, alpha=2.0 * r, learning_rate=lr,
+                      optimizer=opt, grad_accum_steps=acc, max_steps=steps, micro_batch_size=2,
+                      dropout=0.1, eval_every=4, warmup_steps=2, data=DATA)
+            for k, (r, lr, opt, acc) in enumerate([(4, 2e-3, "adamw", 1),
+                                                   (8, 1e-3, "paged_adamw_8bit", 2)])]
+
+
+@pytest.mark.parametrize("gc", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_resume_reproduces_uninterrupted_run(data, tmp_path, gc):  # noqa: F811
+    base = _base(gc)
+    trials = _pair()
+    reference = _by_id(train_pack(base, trials, datasets=data))
+
+    def die_at_step_7(trial_id, step, metrics):
+        if step == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_pack(base, trials, datasets=data, on_metrics=die_at_step_7,
+                   checkpoint_dir=tmp_path, checkpoint_every=5)
+    assert (tmp_path / "c0" / "latest").read_text() == "step-000005"
+
+    resumed_steps = []
+    resumed = _by_id(train_pack(base, trials, datasets=data, checkpoint_dir=tmp_path,
+                                checkpoint_every=5,
+                                on_metrics=lambda t, s, m: resumed_steps.append((t, s)) and None))
+    # c0 continues after its step-5 checkpoint; c1 (accumulating 2 micro-steps per step) was at
+    # step 3 when the run died, had no checkpoint yet, and starts over.
+    assert min(s for t, s in resumed_steps if t == "c0") == 6
+    assert min(s for t, s in resumed_steps if t == "c1") == 1
+    for trial in trials:
+        assert resumed[trial.trial_id].status == "finished"
+        assert _max_rel(_curve(resumed[trial.trial_id]), _curve(reference[trial.trial_id])) <= 1e-4
+
+
+def test_finished_trial_is_not_trained_again(data, tmp_path):  # noqa: F811
+    base = _base(gc=False)
+    trial = _pair(steps=4)[0]
+    first = train_pack(base, [trial], datasets=data, checkpoint_dir=tmp_path)[0]
+    calls = []
+    again = train_pack(base, [trial], datasets=data, checkpoint_dir=tmp_path,
+                       on_metrics=lambda *a: calls.append(a))[0]
+    assert calls == []
+    assert again.status == "finished" and again.eval_loss == first.eval_loss
+    assert again.train_losses == first.train_losses and again.adapter is not None
+
+
+def test_half_written_checkpoint_is_ignored(data, tmp_path):  # noqa: F811
+    base = _base(gc=False)
+    trial = _pair(steps=4)[0]
+    train_pack(base, [trial], datasets=data, checkpoint_dir=tmp_path, checkpoint_every=2)
+    folder = tmp_path / trial.trial_id
+    # A kill during the next write leaves a temporary folder; `latest` still names a whole one.
+    partial = folder / ".step-000006-dead"
+    partial.mkdir()
+    (partial / "adapter.safetensors").write_bytes(b"\0" * 10)
+    adapter, optimizer, state = ckpt.load(tmp_path, trial.trial_id)
+    assert state["step"] == 4 and state["status"] == "finished"
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+    assert len([p for p in folder.glob("step-*")]) <= ckpt.KEEP
