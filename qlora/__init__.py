@@ -7,16 +7,24 @@ never Ray, MLflow or Hydra.
     from qlora import BaseSpec, TrialSpec, load_base, train_pack
     base = load_base(BaseSpec(name_or_path="tiny", compute_dtype="float32"))
     results = train_pack(base, [TrialSpec(trial_id="a", r=8), TrialSpec(trial_id="b", r=16)])
+
+Names are imported on first use, so `qlora.config` and `qlora.data`'s validation stay light
+(no torch) for a command-line tool that checks its input before loading anything.
 """
 
-from .base import Base, load_base
-from .config import BaseSpec, DataSpec, TrialSpec, stable_hash
-from .export import adapter_files, write_adapter
-from .memory import MemoryEstimate, estimate_memory
-from .train import TrialResult, adapter_logits, evaluate, train_pack
+from importlib import import_module
 
-__all__ = [
-    "Base", "BaseSpec", "DataSpec", "MemoryEstimate", "TrialResult", "TrialSpec", "adapter_files",
-    "adapter_logits", "estimate_memory", "evaluate", "load_base", "stable_hash", "train_pack",
-    "write_adapter",
-]
+_EXPORTS = {
+    "Base": "base", "load_base": "base",
+    "BaseSpec": "config", "DataSpec": "config", "TrialSpec": "config", "stable_hash": "config",
+    "adapter_files": "export", "write_adapter": "export",
+    "MemoryEstimate": "memory", "estimate_memory": "memory",
+    "TrialResult": "train", "adapter_logits": "train", "evaluate": "train", "train_pack": "train",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'qlora' has no attribute {name!r}")

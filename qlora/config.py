@@ -25,6 +25,8 @@ DATA_PACKING = ("none", "pack")
 
 #: The model built locally from a config (see `qlora.tiny`), never downloaded.
 TINY = "tiny"
+#: Label of tokens that take no loss (prompt, padding): PyTorch's cross-entropy ignore_index.
+IGNORE = -100
 
 
 def stable_hash(obj: object, length: int = 12) -> str:

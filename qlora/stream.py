@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import stable_hash
+from .config import IGNORE, stable_hash
 
-IGNORE = -100
+__all__ = ["IGNORE", "Batch", "TrialStream", "collate"]
 
 
 class TrialStream:
