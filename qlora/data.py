@@ -38,6 +38,7 @@ from .formats import (
     render,
     required_columns,
 )
+from .packing import pack_examples
 from .tiny import cache_root
 
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = 1  # bump when tokenization or splitting changes, so stale disk caches are ignored
+_CACHE_VERSION = 2  # bump when tokenization or splitting changes, so stale disk caches are ignored
 _MEMORY: dict[str, TokenizedData] = {}
 
 
@@ -57,6 +58,7 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]  # same length; -100 where no loss is taken (prompt, when masked)
+    position_ids: list[int] | None = None  # packed rows only: restart at 0 at each example
 
 
 @dataclass
@@ -204,11 +206,8 @@ def load_data(spec: DataSpec, tokenizer) -> TokenizedData:
     round(eval_fraction * n) rows (>= 1 when eval_fraction > 0, <= n - 1) of a permutation seeded
     by the data hash only; eval is then cut to `spec.max_eval_examples`. Equal inputs give equal
     data, from an in-process cache or $QLORA_CACHE/data/. Raises DataError for a bad file or an
-    empty train split, NotImplementedError for packing='pack'."""
-    if spec.packing == "pack":
-        # TODO(lead): pack several short examples per seq_len sequence (document boundaries must
-        # reset attention, or at least be counted); the cache key already includes `packing`.
-        raise NotImplementedError("data.packing=pack is not implemented yet")
+    empty train split. With packing='pack' the train split holds rows of several examples
+    (see `qlora.packing`); eval stays one example per row."""
     name = spec.path if spec.path is not None else str(bundled_path())
     raw = _read_bytes(name)
     eval_raw = _read_bytes(spec.eval_path) if spec.eval_path else None
@@ -266,6 +265,9 @@ def _build(spec: DataSpec, tokenizer, name: str, raw: bytes, eval_raw: bytes | N
         raise DataError(f"{name}: no training examples left: {counts['n_dropped']} of "
                         f"{len(train_rows)} have no response token within seq_len={spec.seq_len}")
     stats = {"n_rows": n_rows, "n_train": len(train), "n_eval": len(eval_), "format": fmt, **counts}
+    if spec.packing == "pack":
+        train = pack_examples(train, spec.seq_len, Example)
+        stats["n_train_rows"] = len(train)
     return TokenizedData(train, eval_, data_hash, stats)
 
 
@@ -321,8 +323,8 @@ def _load_disk(key: str) -> TokenizedData | None:
     try:
         blob = json.loads(path.read_text())
         return TokenizedData(
-            train=[Example(list(i), list(lab)) for i, lab in blob["train"]],
-            eval=[Example(list(i), list(lab)) for i, lab in blob["eval"]],
+            train=[Example(*map(_list_or_none, row)) for row in blob["train"]],
+            eval=[Example(*map(_list_or_none, row)) for row in blob["eval"]],
             data_hash=blob["data_hash"],
             stats=blob["stats"],
         )
@@ -333,11 +335,15 @@ def _load_disk(key: str) -> TokenizedData | None:
         return None
 
 
+def _list_or_none(value):
+    return None if value is None else list(value)
+
+
 def _save_disk(key: str, data: TokenizedData) -> None:
     path = _cache_file(key)
     blob = {
-        "train": [[ex.input_ids, ex.labels] for ex in data.train],
-        "eval": [[ex.input_ids, ex.labels] for ex in data.eval],
+        "train": [[ex.input_ids, ex.labels, ex.position_ids] for ex in data.train],
+        "eval": [[ex.input_ids, ex.labels, ex.position_ids] for ex in data.eval],
         "data_hash": data.data_hash,
         "stats": data.stats,
     }

@@ -49,29 +49,44 @@ class TrialStream:
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (rows, T)
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None  # None for packed rows: position_ids carry the blocks
     labels: torch.Tensor
     bounds: list[tuple[int, int]]  # row range of each part, in the order given
+    position_ids: torch.Tensor | None = None
+
+    def model_inputs(self) -> dict:
+        if self.position_ids is not None:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
 def collate(parts: list[list], pad_id: int, device: torch.device) -> Batch:
     """Concatenate per-adapter lists of Examples into one right-padded batch.
 
     Right padding and causal attention keep each real token's output independent of how much
-    padding its row has, so a row computes the same alone or beside longer rows.
+    padding its row has, so a row computes the same alone or beside longer rows. Rows packed with
+    several examples (`position_ids` set) go in with position ids and no 2-D mask; their padding
+    restarts at position 0, so it is a block of its own that no real token attends to.
     """
     examples = [ex for part in parts for ex in part]
+    packed = any(getattr(ex, "position_ids", None) is not None for ex in examples)
     width = max(len(ex.input_ids) for ex in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    positions = torch.arange(width).repeat(len(examples), 1) if packed else None
     for i, ex in enumerate(examples):
         n = len(ex.input_ids)
         ids[i, :n] = torch.tensor(ex.input_ids)
         labels[i, :n] = torch.tensor(ex.labels)
         mask[i, :n] = 1
+        if packed:
+            pos = getattr(ex, "position_ids", None)
+            positions[i, :n] = torch.tensor(pos) if pos is not None else torch.arange(n)
+            positions[i, n:] = torch.arange(width - n)
     bounds, start = [], 0
     for part in parts:
         bounds.append((start, start + len(part)))
         start += len(part)
-    return Batch(ids.to(device), mask.to(device), labels.to(device), bounds)
+    return Batch(ids.to(device), None if packed else mask.to(device), labels.to(device), bounds,
+                 None if positions is None else positions.to(device))

@@ -251,8 +251,7 @@ def _micro_step(base: Base, active: list[_Slot], on_metrics) -> None:
 def _segment_losses(base: Base, batch) -> list[torch.Tensor]:
     """Each segment's mean token loss; logits are formed one segment at a time to bound memory."""
     model = base.model
-    hidden = model.get_decoder()(input_ids=batch.input_ids,
-                                 attention_mask=batch.attention_mask).last_hidden_state
+    hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state
     head = model.get_output_embeddings()
     losses = []
     for start, end in batch.bounds:
@@ -331,8 +330,7 @@ def evaluate(base: Base, parts: list[tuple[str, list]]) -> list[float]:
         batch = collate([c[2] for c in chunk], base.tokenizer.pad_token_id, base.device)
         routing.segments = [Segment(key, a, b) for (_, key, _), (a, b)
                             in zip(chunk, batch.bounds, strict=True)]
-        hidden = model.get_decoder()(input_ids=batch.input_ids,
-                                     attention_mask=batch.attention_mask).last_hidden_state
+        hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state
         head = model.get_output_embeddings()
         for (i, _, _), (start, end) in zip(chunk, batch.bounds, strict=True):
             labels = batch.labels[start:end, 1:]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import DATA, _base, _by_id, _curve, _max_rel, data  # noqa: F401  (fixture)
 
 from qlora import TrialSpec, train_pack
 from qlora import checkpoint as ckpt
-from test_engine import DATA, _base, _by_id, _curve, _max_rel, data  # noqa: F401  (fixture)
 
 
 class Killed(Exception):

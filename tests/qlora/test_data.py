@@ -365,9 +365,12 @@ def test_cache_hit_returns_equal_data(tok, tmp_path):
     assert len(list((tmp_path / "cache" / "data").glob("*.json"))) == 2
 
 
-def test_packing_not_implemented(tok):
-    with pytest.raises(NotImplementedError, match="packing=pack"):
-        load_data(DataSpec(packing="pack"), tok)
+def test_packed_split_keeps_eval_unpacked(tok):
+    plain = load_data(DataSpec(seq_len=512), tok)
+    packed = load_data(DataSpec(seq_len=512, packing="pack"), tok)
+    assert packed.eval == plain.eval
+    assert packed.stats["n_train_rows"] == len(packed.train) < len(plain.train)
+    assert all(ex.position_ids is not None for ex in packed.train)
 
 
 # ------------------------------------------------------------------------------------- bundled

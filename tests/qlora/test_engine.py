@@ -11,7 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from qlora import BaseSpec, DataSpec, TrialSpec, adapter_logits, load_base, train_pack, write_adapter
+from qlora import (
+    BaseSpec,
+    DataSpec,
+    TrialSpec,
+    adapter_logits,
+    load_base,
+    train_pack,
+    write_adapter,
+)
 from qlora.adapters import inject, load_adapter_state, remove
 from qlora.export import PEFT_PREFIX
 
