@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from .config import stable_hash
 
@@ -106,10 +107,15 @@ class MultiLoraLinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+        with record_function("qlora.base_linear"):
+            out = self.base_layer(x, *args, **kwargs)
         segments = self.routing.segments
         if not segments:
             return out
+        with record_function("qlora.lora"):
+            return self._add_adapters(x, out, segments)
+
+    def _add_adapters(self, x: torch.Tensor, out: torch.Tensor, segments) -> torch.Tensor:
         deltas = []
         for seg in segments:
             adapter = self.adapters[seg.slot] if seg.slot in self.adapters else None

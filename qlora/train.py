@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from . import checkpoint
 from .adapters import adapter_state, inject, load_adapter_state, remove, routing_of
@@ -218,8 +219,9 @@ def _micro_step(base: Base, active: list[_Slot], on_metrics) -> None:
         if slot.spec.inject_oom_at_step is not None and slot.step + 1 == slot.spec.inject_oom_at_step:
             raise torch.OutOfMemoryError(
                 f"injected out-of-memory at step {slot.step + 1} (trial {slot.spec.trial_id})")
-    parts = [[slot.data.train[i] for i in slot.stream.next_indices()] for slot in active]
-    batch = collate(parts, base.tokenizer.pad_token_id, base.device)
+    with record_function("qlora.data"):
+        parts = [[slot.data.train[i] for i in slot.stream.next_indices()] for slot in active]
+        batch = collate(parts, base.tokenizer.pad_token_id, base.device)
     routing = routing_of(base)
     routing.segments = [Segment(s.key, a, b, tick=s.micro, width=s.spec.data.seq_len)
                         for s, (a, b) in zip(active, batch.bounds, strict=True)]
@@ -227,7 +229,7 @@ def _micro_step(base: Base, active: list[_Slot], on_metrics) -> None:
     offload = (torch.autograd.graph.save_on_cpu(pin_memory=True)
                if base.spec.activation_offload and base.device.type == "cuda"
                else contextlib.nullcontext())
-    with offload:
+    with offload, record_function("qlora.forward"):
         losses = _segment_losses(base, batch)
     total = None
     for slot, loss in zip(active, losses, strict=True):
@@ -238,7 +240,8 @@ def _micro_step(base: Base, active: list[_Slot], on_metrics) -> None:
         scaled = loss / slot.spec.grad_accum_steps
         total = scaled if total is None else total + scaled
     if total is not None:
-        total.backward()
+        with record_function("qlora.backward"):
+            total.backward()
     routing.segments = []
     for slot in active:
         slot.micro += 1
@@ -284,7 +287,8 @@ def _optimizer_step(slot: _Slot, on_metrics) -> None:
     with warnings.catch_warnings():
         # bitsandbytes says at each step, on a CPU, that paged optimizers fall back to unpaged.
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported")
-        slot.optimizer.step()
+        with record_function("qlora.optimizer"):
+            slot.optimizer.step()
     slot.optimizer.zero_grad(set_to_none=True)
     slot.step += 1
     train_loss = sum(slot.pending) / len(slot.pending)
@@ -302,7 +306,8 @@ def _optimizer_step(slot: _Slot, on_metrics) -> None:
 # -- evaluation ---------------------------------------------------------------------------------
 
 def _evaluate_and_report(base: Base, due: list[_Slot], on_metrics) -> None:
-    losses = evaluate(base, [(s.key, s.data.eval) for s in due])
+    with record_function("qlora.eval"):
+        losses = evaluate(base, [(s.key, s.data.eval) for s in due])
     for slot, loss in zip(due, losses, strict=True):
         slot.eval_due = False
         slot.eval_history.append((slot.step, loss))

@@ -1,0 +1,138 @@
+"""`make bench`: the engine's ratios on this machine, printed as a table and saved as JSON.
+
+    python -m bench                  # CPU: the tiny model (a few minutes on 2 cores)
+    python -m bench --gpu            # GPU: Llama-3-8B-shaped model (see bench/gpu.py)
+    python -m bench --quick          # fewer steps and K values, for a smoke run
+
+Every row is a ratio of two measurements taken in this same run, each in its own subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from .engine import run_case
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import os
+
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, 1 thread"
+
+
+def packing_rows(base_args: dict, ks: list[int]) -> list[dict]:
+    rows = []
+    for k in ks:
+        args = {**base_args, "k": k}
+        packed, seq = run_case("packed", args), run_case("sequential", args)
+        tokens = k * args["steps"] * args["micro_batch"] * args["seq_len"]
+        # The packed run's peak holds K adapters at once; the sequential baseline's separate runs
+        # would each hold a base: their sum is the memory of K runs side by side.
+        single = run_case("sequential", {**args, "k": 1})["peak_bytes"]
+        rows.append({
+            "K": k, "packed_s": packed["wall_s"], "sequential_s": seq["wall_s"],
+            "wall_ratio": packed["wall_s"] / seq["wall_s"],
+            "packed_tok_s": tokens / packed["wall_s"], "sequential_tok_s": tokens / seq["wall_s"],
+            "packed_peak_MiB": packed["peak_bytes"] / 2**20,
+            "separate_sum_MiB": k * single / 2**20,
+            "peak_ratio_vs_sum": packed["peak_bytes"] / (k * single),
+        })
+        print(f"  K={k}: packed {packed['wall_s']:.1f}s vs one-after-another {seq['wall_s']:.1f}s "
+              f"-> x{rows[-1]['wall_ratio']:.2f} wall; peak x{rows[-1]['peak_ratio_vs_sum']:.2f} "
+              f"of {k} separate runs", flush=True)
+    return rows
+
+
+def recipe_row(base_args: dict) -> dict:
+    args = {**base_args, "k": 1}
+    ours, theirs = run_case("engine_one", args), run_case("recipe", args)
+    return {"engine_step_s": ours["step_s"], "recipe_step_s": theirs["step_s"],
+            "step_ratio": ours["step_s"] / theirs["step_s"],
+            "engine_peak_MiB": ours["peak_bytes"] / 2**20,
+            "recipe_peak_MiB": theirs["peak_bytes"] / 2**20,
+            "peak_ratio": ours["peak_bytes"] / theirs["peak_bytes"]}
+
+
+def profile_row(base_args: dict) -> dict:
+    prof = run_case("profile", {**base_args, "k": 4})
+    wall = prof["wall_s"]
+    return {"wall_s": wall, "share": {k: v / wall for k, v in prof["seconds_by_label"].items()}}
+
+
+def padding_row(seq_len: int) -> dict:
+    import random
+
+    from qlora import DataSpec
+    from qlora.data import load_data
+    from qlora.packing import padding_fraction
+    from qlora.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    out = {}
+    for mode in ("none", "pack"):
+        rows = load_data(DataSpec(seq_len=seq_len, packing=mode), tok).train
+        order = list(range(len(rows)))
+        random.Random(0).shuffle(order)
+        batches = [order[i:i + 4] for i in range(0, len(order) - 3, 4)]
+        out[mode] = sum(padding_fraction([len(rows[i].input_ids) for i in b])
+                        for b in batches) / len(batches)
+    return {"seq_len": seq_len, "padding_unpacked": out["none"], "padding_packed": out["pack"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="run the GPU benchmark (bench/gpu.py)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and K values")
+    opts = parser.parse_args(argv)
+    if opts.gpu:
+        from .gpu import main as gpu_main
+
+        return gpu_main([])
+    args = {"model": "tiny", "dtype": "float32", "seq_len": 128, "micro_batch": 4,
+            "steps": 6 if opts.quick else 20}
+    ks = [1, 4] if opts.quick else [1, 2, 4, 8]
+    started = time.time()
+    print(f"engine benchmarks on {_machine()}, tiny model, seq_len {args['seq_len']}, "
+          f"micro-batch {args['micro_batch']}, {args['steps']} steps", flush=True)
+    # Build the tiny model and the tokenized-data cache once, outside every measurement.
+    run_case("packed", {**args, "k": 1, "steps": 1})
+    print("1. packed vs one-after-another (each loading its own base)", flush=True)
+    report = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "args": args,
+              "packing": packing_rows(args, ks)}
+    print("2. one adapter: this engine vs the standard QLoRA recipe (transformers+peft+bnb)",
+          flush=True)
+    report["recipe"] = r = recipe_row(args)
+    print(f"  step {r['engine_step_s'] * 1e3:.0f} ms vs {r['recipe_step_s'] * 1e3:.0f} ms "
+          f"-> x{r['step_ratio']:.2f}; peak {r['engine_peak_MiB']:.0f} vs "
+          f"{r['recipe_peak_MiB']:.0f} MiB -> x{r['peak_ratio']:.2f}", flush=True)
+    print("3. where a packed run's time goes (K=4; labels nest: base_linear and lora run inside "
+          "forward, and again inside backward when checkpointing recomputes the blocks)",
+          flush=True)
+    report["profile"] = p = profile_row(args)
+    for label, share in sorted(p["share"].items(), key=lambda kv: -kv[1]):
+        print(f"  {label:36s} {share:6.1%}")
+    print("4. data packing: padding per batch of 4 on the bundled dataset", flush=True)
+    report["padding"] = d = padding_row(512)
+    print(f"  seq_len {d['seq_len']}: unpacked {d['padding_unpacked']:.1%}, "
+          f"packed {d['padding_packed']:.1%}")
+    report["elapsed_s"] = time.time() - started
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"cpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nresults: {out}  ({report['elapsed_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

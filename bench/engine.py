@@ -1,0 +1,203 @@
+"""Engine benchmarks, each a ratio measured side by side in one run.
+
+Every measured configuration runs in a fresh subprocess (`python -m bench.engine CASE JSON`), so
+its peak memory (CUDA: `max_memory_allocated`; CPU: peak RSS) is its own and one case's caches
+cannot flatter the next. Needs only torch, transformers, peft, bitsandbytes: no Ray or MLflow.
+
+Cases:
+- `packed`   : K trials (ranks 8..64) trained together on one base, load included.
+- `sequential`: the same K trials one after another, each loading its own base (what a Ray Tune or
+               shell-loop sweep does), in one process: wall time is the sum, peak is the max.
+- `recipe`   : one adapter with the standard QLoRA recipe: transformers `BitsAndBytesConfig`
+               (nf4, double quant), `prepare_model_for_kbit_training`, `get_peft_model`, paged
+               AdamW, gradient checkpointing; the same model, data, steps and batch.
+- `profile`  : where one packed step's time goes (torch.profiler, labels from the engine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+RANKS = (8, 16, 32, 64, 8, 16, 32, 64)
+
+
+def _peak_bytes() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _setup(args: dict):
+    import bitsandbytes  # noqa: F401  (imports before any timer starts, in every case)
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    from qlora import BaseSpec, DataSpec, TrialSpec
+
+    base = BaseSpec(name_or_path=args["model"], compute_dtype=args["dtype"],
+                    gradient_checkpointing=True)
+    data = DataSpec(seq_len=args["seq_len"], max_eval_examples=8, path=args.get("data"))
+    trials = [TrialSpec(trial_id=f"k{k}", seed=k, r=RANKS[k % len(RANKS)], alpha=16.0,
+                        learning_rate=1e-3, max_steps=args["steps"],
+                        micro_batch_size=args["micro_batch"], data=data,
+                        optimizer=args.get("optimizer", "paged_adamw_32bit"))
+              for k in range(args["k"])]
+    return base, trials
+
+
+def case_packed(args: dict) -> dict:
+    from qlora import load_base, train_pack
+
+    spec, trials = _setup(args)
+    t0 = time.perf_counter()
+    base = load_base(spec)
+    t_load = time.perf_counter() - t0
+    results = train_pack(base, trials)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "load_s": t_load, "peak_bytes": _peak_bytes(),
+            "losses": [r.train_losses[-1] for r in results]}
+
+
+def case_sequential(args: dict) -> dict:
+    import gc
+
+    import torch
+
+    from qlora import load_base, train_pack
+
+    spec, trials = _setup(args)
+    t0 = time.perf_counter()
+    for trial in trials:
+        base = load_base(spec)
+        train_pack(base, [trial])
+        del base
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {"wall_s": time.perf_counter() - t0, "peak_bytes": _peak_bytes()}
+
+
+def case_recipe(args: dict) -> dict:
+    """The standard QLoRA recipe with transformers + peft + bitsandbytes, one adapter."""
+    import bitsandbytes as bnb
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora.base import DTYPES, resolve_source
+    from qlora.data import load_data
+    from qlora.stream import TrialStream, collate
+
+    spec, trials = _setup(args)
+    trial = trials[0]
+    dtype = DTYPES[spec.compute_dtype]
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_source(spec), dtype=dtype, attn_implementation="sdpa",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype),
+        device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"})
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=trial.r, lora_alpha=trial.alpha, lora_dropout=0.05,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_source(spec))
+    data = load_data(trial.data, tok)
+    stream = TrialStream(len(data.train), trial.micro_batch_size, trial.seed)
+    opt = bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad],
+                                    lr=trial.learning_rate, weight_decay=0.0)
+    device = next(model.parameters()).device
+    model.train()
+    t_train = time.perf_counter()
+    for _ in range(trial.max_steps):
+        batch = collate([[data.train[i] for i in stream.next_indices()]],
+                        tok.pad_token_id, device)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    labels=batch.labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    return {"wall_s": end - t0, "train_s": end - t_train, "peak_bytes": _peak_bytes(),
+            "step_s": (end - t_train) / trial.max_steps}
+
+
+def case_engine_one(args: dict) -> dict:
+    """One adapter with this engine, timed like `case_recipe` (load, then the steps)."""
+    import torch
+
+    from qlora import load_base, train_pack
+
+    spec, trials = _setup(args)
+    t0 = time.perf_counter()
+    base = load_base(spec)
+    marks = []
+    train_pack(base, trials[:1], datasets=None,
+               on_metrics=lambda *a: marks.append(time.perf_counter()) and None)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    steps = [m for m in marks]
+    # The first on_metrics call comes after step 1; time steps 2..N to leave data loading out.
+    step_s = (steps[-1] - steps[0]) / max(1, len(steps) - 1)
+    return {"wall_s": time.perf_counter() - t0, "peak_bytes": _peak_bytes(), "step_s": step_s}
+
+
+def case_profile(args: dict) -> dict:
+    """Share of a packed training step's time by label (forward/backward of base and adapters,
+    dequantization, optimizer, data)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qlora import load_base, train_pack
+
+    spec, trials = _setup(args)
+    base = load_base(spec)
+    train_pack(base, [t.__class__(**{**t.__dict__, "max_steps": 2}) for t in trials])  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        train_pack(base, trials)
+        wall = time.perf_counter() - t0
+    totals: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if evt.key.startswith(("qlora.", "bitsandbytes::")):
+            totals[evt.key] = totals.get(evt.key, 0.0) + evt.cpu_time_total / 1e6
+    return {"wall_s": wall, "seconds_by_label": totals}
+
+
+CASES = {"packed": case_packed, "sequential": case_sequential, "recipe": case_recipe,
+         "engine_one": case_engine_one, "profile": case_profile}
+
+
+def run_case(case: str, args: dict) -> dict:
+    """Run one case in a fresh subprocess and return its JSON result."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "bench.engine", case, json.dumps(args)],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench case {case} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    result = CASES[sys.argv[1]](json.loads(sys.argv[2]))
+    print(json.dumps(result))
