@@ -108,6 +108,7 @@ class Config:
     seed: int = 0
     resume: bool = False
     output_dir: str = "outputs"
+    dry_run: bool = False  # print the sweep's trials and exit without starting Ray or MLflow
 
     def base_spec(self) -> BaseSpec:
         """The frozen base every trial of this config trains on."""

@@ -1,0 +1,101 @@
+"""`python -m orchestrator [key=value ...]`: compose, validate, check, then run the sweep.
+
+A Hydra app: `--help`, `--cfg job`, `-m` and the other flags behave as Hydra's. Before Hydra
+takes over, plain overrides are composed once here so that every mistake (an unknown sweep, an
+unknown key, a bad value, a missing file, a server that is down) ends in one line on stderr,
+`error: <key>: <what is wrong>`, and exit status 2, before Ray or MLflow start.
+
+Exit status: 0 every trial finished, 1 a trial failed, 2 a bad config or an unreachable service.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NoReturn
+
+from .configs import CONFIG_NAME, compose, config_dir
+from .errors import ConfigError
+from .schema import Config
+
+
+class _State:
+    """What the pre-check already did, so Hydra's task does not do it twice."""
+
+    checked = False
+    codes: list[int] = []
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Run the CLI on `argv` (default `sys.argv[1:]`) and exit with its status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not any(a.startswith("-") for a in args):  # Hydra's own flags: left to Hydra
+        try:
+            config = check(args)
+        except ConfigError as e:
+            _fail(e)
+        _State.checked = True
+        if config.dry_run:
+            print(_dry_run(config))
+            sys.exit(0)
+    _run_hydra(args)
+    sys.exit(max(_State.codes, default=0))
+
+
+def check(overrides: list[str]) -> Config:
+    """The validated config of `overrides` after the preflight checks, or `ConfigError`."""
+    from .preflight import preflight
+    from .validate import validate
+
+    config = validate(compose(overrides))
+    preflight(config)
+    return config
+
+
+def _run_hydra(args: list[str]) -> None:
+    import hydra
+
+    sys.argv = [sys.argv[0] if sys.argv else "orchestrator", *args]
+    task = hydra.main(config_path=config_dir(), config_name=CONFIG_NAME, version_base="1.3")(_task)
+    task()
+
+
+def _task(cfg: Any) -> int:
+    """One Hydra job: validate (cheap), check once, then run the sweep and record its status."""
+    from .preflight import preflight
+    from .validate import validate
+
+    try:
+        config = validate(cfg)
+        if not _State.checked:
+            preflight(config)
+    except ConfigError as e:
+        _fail(e)
+    if config.dry_run:
+        print(_dry_run(config))
+        _State.codes.append(0)
+        return 0
+    from orchestrator.sweep import run_sweep  # Ray and MLflow: imported only to run
+
+    try:
+        code = int(run_sweep(config))
+    except ConfigError as e:  # a setup problem only the run could see (e.g. the store's schema)
+        _fail(e)
+    _State.codes.append(code)
+    return code
+
+
+def _dry_run(config: Config) -> str:
+    from .search import expand, format_trials
+
+    trials = expand(config)
+    return (f"{format_trials(config, trials)}\n"
+            "dry run: nothing was started (drop dry_run=true to run the sweep)")
+
+
+def _fail(e: ConfigError) -> NoReturn:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""What a sweep prints: live progress while trials train, then a leaderboard.
+
+On a terminal each trial gets a rich progress bar (steps, last train_loss, status). Elsewhere (CI,
+a pipe, a log file) the same events become plain lines, throttled to about five per trial plus
+evaluations and ends, so a log stays readable. The leaderboard sorts finished trials by
+eval_loss and says where the adapters are and how to open the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import TYPE_CHECKING, TextIO
+
+from rich import box
+from rich.console import Console as RichConsole
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from orchestrator.cluster import Placement
+    from orchestrator.search import Trial
+
+PLAIN_WIDTH = 120  # rich's 80-column default for non-terminals wraps the leaderboard
+LINES_PER_TRIAL = 5  # plain mode: progress lines per trial, besides evaluations and the end
+
+
+class Console:
+    """Progress of one sweep's trials, fed by the driver as events arrive."""
+
+    def __init__(self, trials: list[Trial], stream: TextIO | None = None,
+                 live: bool | None = None):
+        """`live` None: rich progress bars on a terminal, plain lines otherwise."""
+        stream = stream or sys.stdout
+        probe = RichConsole(file=stream)
+        self.live = probe.is_terminal and not probe.is_dumb_terminal if live is None else live
+        self.rich = RichConsole(file=stream, highlight=False,
+                                width=None if self.live else PLAIN_WIDTH)
+        self._trials = {t.trial_id: t for t in trials}
+        self._every = {t.trial_id: max(1, math.ceil(t.spec.max_steps / LINES_PER_TRIAL))
+                       for t in trials}
+        self._progress: Progress | None = None
+        self._tasks: dict[str, int] = {}
+        if self.live:
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[state]}"),
+                TimeElapsedColumn(), console=self.rich, transient=False,
+            )
+            for t in trials:
+                self._tasks[t.trial_id] = self._progress.add_task(
+                    t.name, total=t.spec.max_steps, loss="", state="queued", start=False)
+            self._progress.start()
+
+    def print(self, text: str) -> None:
+        """A line above the progress bars (or in the log)."""
+        self.rich.print(text, markup=False)
+
+    def pack_started(self, pack_id: str, trial_ids: list[str],
+                     placement: Placement | None) -> None:
+        """A worker began a pack."""
+        where = _where(placement)
+        if self._progress is not None:
+            for tid in trial_ids:
+                self._progress.start_task(self._tasks[tid])
+                self._progress.update(self._tasks[tid], state="training")
+        names = ", ".join(self._name(t) for t in trial_ids)
+        self.print(f"{pack_id} started on {where}: {names}")
+
+    def metrics(self, trial_id: str, step: int, metrics: dict[str, float]) -> None:
+        """A streamed metrics point of one trial."""
+        if self._progress is not None:
+            fields = {"completed": step}
+            if "train_loss" in metrics:
+                fields["loss"] = f"loss {metrics['train_loss']:.4f}"
+            if "eval_loss" in metrics:
+                fields["loss"] = f"eval {metrics['eval_loss']:.4f}"
+            self._progress.update(self._tasks[trial_id], **fields)
+            return
+        total = self._trials[trial_id].spec.max_steps
+        if "eval_loss" in metrics:
+            self.print(f"{self._name(trial_id)}  step {step}/{total}  "
+                       f"eval_loss {metrics['eval_loss']:.4f}")
+        elif "train_loss" in metrics and (step % self._every[trial_id] == 0 or step == 1):
+            self.print(f"{self._name(trial_id)}  step {step}/{total}  "
+                       f"train_loss {metrics['train_loss']:.4f}")
+
+    def trial_ended(self, trial_id: str, status: str, steps: int, eval_loss: float | None,
+                    reason: str | None) -> None:
+        """A trial finished, diverged, stopped or failed."""
+        loss = f"eval_loss {eval_loss:.4f}" if eval_loss is not None else ""
+        if self._progress is not None:
+            self._progress.update(self._tasks[trial_id], state=status)
+            self._progress.stop_task(self._tasks[trial_id])
+        text = f"{self._name(trial_id)}  {status} after {steps} steps  {loss}".rstrip()
+        self.print(text + (f"  ({reason})" if reason and status != "finished" else ""))
+
+    def close(self) -> None:
+        """Stop the live display (safe to call twice)."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def summary(self, sweep_name: str, rows: list[dict], *, adapters_dir: str,
+                parent_run_id: str | None, tracking_uri: str, experiment: str) -> None:
+        """The leaderboard (best eval_loss first), failures with reasons, and where things are.
+
+        `rows` hold name, lora_r, lora_alpha, learning_rate, eval_loss, status, reason.
+        """
+        self.close()
+        ranked = sorted(rows, key=_rank_key)
+        failed = [r for r in rows if r["status"] not in ("finished", "stopped")]
+        table = Table(title=f"sweep {sweep_name}: {len(rows) - len(failed)} of {len(rows)} "
+                            "trials finished", box=box.SIMPLE_HEAD, title_justify="left")
+        for col, justify in (("#", "right"), ("trial", "left"), ("rank", "right"),
+                             ("alpha", "right"), ("lr", "right"), ("eval_loss", "right"),
+                             ("status", "left")):
+            table.add_column(col, justify=justify, no_wrap=True)
+        for i, r in enumerate(ranked, 1):
+            eval_loss = r.get("eval_loss")
+            table.add_row(str(i), r["name"], str(r["lora_r"]), f"{r['lora_alpha']:g}",
+                          f"{r['learning_rate']:g}",
+                          "-" if eval_loss is None else f"{eval_loss:.4f}", r["status"])
+        self.rich.print(table)
+        for r in failed:
+            self.print(f"{r['status']}: {r['name']}: {r.get('reason') or 'no reason given'}")
+        self.print(f"adapters:   {adapters_dir}/<trial>/adapter")
+        self.print(f"MLflow:     parent run {parent_run_id} in experiment '{experiment}' "
+                   f"at {tracking_uri}")
+        self.print(f"UI:         make ui   (or: mlflow ui --backend-store-uri {tracking_uri})")
+
+    def _name(self, trial_id: str) -> str:
+        trial = self._trials.get(trial_id)
+        return trial.name if trial is not None else trial_id
+
+
+def _rank_key(row: dict):
+    ok = row["status"] in ("finished", "stopped") and row.get("eval_loss") is not None
+    loss = row.get("eval_loss")
+    return (not ok, loss if ok and math.isfinite(loss) else math.inf, row["name"])
+
+
+def _where(placement: Placement | None) -> str:
+    if placement is None:
+        return "a worker"
+    device = (f"GPU {placement.cuda_visible_devices}" if placement.gpu_ids
+              else "CPU")
+    return f"node {placement.node_id[:8]} pid {placement.pid} ({device})"

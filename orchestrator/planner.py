@@ -1,0 +1,81 @@
+"""Packing: which trials share one loaded base on one worker.
+
+Trials can share a pack only when they train on the same frozen weights (equal
+`BaseSpec.fingerprint()`) under the same memory options and sequence length, because a pack runs one
+forward and backward pass over a single base with one batch shape. Within such a group the planner
+cuts as many packs as keep every worker busy, but never more adapters per pack than
+`pack.max_adapters`, and balances their sizes so no pack is a straggler by construction.
+
+Packing never changes a trial's numbers (each adapter has its own data, init and optimizer), so
+the plan is free to choose by throughput alone. A memory budget per pack (the engine's estimate
+against the device's memory) is a later refinement of `_num_packs`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from qlora.config import BaseSpec, stable_hash
+
+if TYPE_CHECKING:
+    from orchestrator.search import Trial
+
+
+@dataclass
+class Pack:
+    """Trials trained together on one worker over one shared base."""
+
+    pack_id: str
+    base: BaseSpec
+    trials: list[Trial]
+
+
+def plan(trials: list[Trial], max_adapters: int, num_workers: int) -> list[Pack]:
+    """Split `trials` into packs of at most `max_adapters` that share a base and a seq_len.
+
+    A group of n trials becomes max(ceil(n / max_adapters), min(n, num_workers)) packs whose sizes
+    differ by at most one, each holding a contiguous run of the group in the order given. Groups
+    keep the order of their first trial. The result depends only on the arguments: pack ids are
+    hashes of the base and the trial ids, so the same sweep gives the same plan on any machine.
+    """
+    if max_adapters < 1:
+        raise ValueError(f"pack.max_adapters must be >= 1, got {max_adapters}")
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+
+    groups: dict[tuple, list[Trial]] = {}
+    for trial in trials:
+        groups.setdefault(_group_key(trial), []).append(trial)
+
+    packs: list[Pack] = []
+    for group in groups.values():
+        for chunk in _balanced_chunks(group, _num_packs(len(group), max_adapters, num_workers)):
+            index = len(packs)
+            digest = stable_hash([chunk[0].base.fingerprint(), [t.trial_id for t in chunk]], 8)
+            packs.append(Pack(pack_id=f"pack{index:03d}-{digest}", base=chunk[0].base,
+                              trials=chunk))
+    return packs
+
+
+def _group_key(trial: Trial) -> tuple:
+    # The fingerprint decides whether weights can be shared; the whole BaseSpec rides along so that
+    # trials differing only in memory options (gradient checkpointing, offload) are not run under
+    # the other's setting. seq_len fixes the batch shape of the pack.
+    return (trial.base.fingerprint(), trial.base, trial.spec.data.seq_len)
+
+
+def _num_packs(n: int, max_adapters: int, num_workers: int) -> int:
+    # Fewer, fuller packs amortise the base better, but an idle worker is worse than a smaller pack.
+    return max(math.ceil(n / max_adapters), min(n, num_workers))
+
+
+def _balanced_chunks(items: list, k: int) -> list[list]:
+    size, extra = divmod(len(items), k)
+    chunks, start = [], 0
+    for i in range(k):
+        end = start + size + (1 if i < extra else 0)
+        chunks.append(items[start:end])
+        start = end
+    return chunks

@@ -1,0 +1,190 @@
+"""A sweep's trials: the grid or the random draws of `cfg.sweep`, each a full config and its specs.
+
+- grid   : the cartesian product of the value lists, in the YAML's order (the last key fastest).
+- random : `num_trials` draws from `random.Random(cfg.seed)`: a list gives a uniform choice, a
+           range `{low, high, log, type}` a uniform (or log-uniform) number, rounded for `int`.
+
+Either way trials are deduplicated by `trial_id`, the hash of everything that affects a trial's
+numbers (model, data, quant, lora, train, seed), so the same config has the same id in any sweep:
+that is what resume and MLflow's `qlora.trial_id` tag rely on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from qlora.config import BaseSpec, TrialSpec, stable_hash
+
+from .schema import Config
+from .validate import sweep_params
+
+#: train.* options of the shared base: they change memory and speed, never a trial's numbers.
+_MEMORY_ONLY = ("gradient_checkpointing", "activation_offload")
+#: How a swept key (beyond r, alpha and lr, always shown) appears in a trial's name.
+_SHORT = {
+    "lora.dropout": "do", "lora.target_modules": "tm", "train.max_steps": "steps",
+    "train.micro_batch_size": "mbs", "train.grad_accum_steps": "ga", "train.seq_len": "len",
+    "train.weight_decay": "wd", "train.warmup_steps": "wu", "train.max_grad_norm": "clip",
+    "train.eval_every": "ev", "train.optimizer": "", "train.lr_schedule": "", "seed": "s",
+}
+_ALWAYS = ("lora.r", "lora.alpha", "train.learning_rate")
+#: Significant digits kept of a randomly drawn float, so params and names stay readable.
+_DIGITS = 4
+_NAME_DIGITS = 3  # names only need to tell trials apart; equal names get the id appended
+
+
+@dataclass
+class Trial:
+    """One trial of a sweep, ready for the planner and the engine."""
+
+    trial_id: str
+    name: str
+    params: dict  # the swept dotted keys -> this trial's values
+    config: Config  # the full config with this trial's values applied
+    spec: TrialSpec
+    base: BaseSpec
+
+
+def expand(cfg: Config) -> list[Trial]:
+    """The trials of `cfg.sweep`, in a stable order; a config validated by `validate()`.
+
+    A sweep without params gives one trial: `cfg` itself. Params are checked again (cheap), so
+    a config built by hand gets the same `ConfigError` as one from the command line.
+    """
+    sweep = cfg.sweep
+    params = sweep_params(sweep)
+    if sweep.strategy == "grid":
+        product = itertools.product(*params.values())
+        combos = [dict(zip(params, values, strict=True)) for values in product]
+    elif sweep.strategy == "random":
+        rng = random.Random(cfg.seed)
+        combos = [
+            {key: _draw(rng, spec) for key, spec in params.items()}
+            for _ in range(sweep.num_trials or 1)
+        ]
+    else:
+        raise ValueError(f"unknown sweep strategy {sweep.strategy!r}")
+
+    seen: set[str] = set()
+    drafts: list[tuple[str, dict, Config]] = []
+    for params in combos:
+        config = apply(cfg, params)
+        tid = trial_id(config)
+        if tid not in seen:
+            seen.add(tid)
+            drafts.append((tid, params, config))
+
+    names = [trial_name(config, params) for _, params, config in drafts]
+    trials = []
+    for (tid, params, config), name in zip(drafts, names, strict=True):
+        if names.count(name) > 1:
+            name = f"{name}-{tid[:6]}"
+        spec = config.trial_spec(tid, name, trial_seed(config.seed, tid))
+        trials.append(Trial(tid, name, params, config, spec, config.base_spec()))
+    return trials
+
+
+def apply(cfg: Config, params: dict[str, Any]) -> Config:
+    """A copy of `cfg` with the dotted keys of `params` set (`lora.r`, `train.learning_rate`, `seed`)."""
+    for key, value in params.items():
+        section, _, leaf = key.rpartition(".")
+        if section:
+            part = dataclasses.replace(getattr(cfg, section), **{leaf: value})
+            cfg = dataclasses.replace(cfg, **{section: part})
+        else:
+            cfg = dataclasses.replace(cfg, **{leaf: value})
+    return cfg
+
+
+def trial_id(cfg: Config) -> str:
+    """The stable hash of what decides a trial's numbers: model, data, quant, lora, train, seed.
+
+    Where it runs (pack, cluster), where it is recorded (tracking), which sweep asked for it and
+    the base's memory options do not enter, so the same trial has the same id in any sweep.
+    """
+    data = dataclasses.asdict(cfg.data)
+    for key in ("path", "eval_path"):
+        if data[key] is not None:
+            data[key] = os.path.normpath(data[key])  # ./a.jsonl and a.jsonl are one file
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _MEMORY_ONLY}
+    lora = dataclasses.asdict(cfg.lora)
+    if not isinstance(lora["target_modules"], str):
+        lora["target_modules"] = list(lora["target_modules"])
+    return stable_hash({
+        "model": dataclasses.asdict(cfg.model), "data": data, "quant": dataclasses.asdict(cfg.quant),
+        "lora": lora, "train": train, "seed": cfg.seed,
+    })
+
+
+def trial_seed(seed: int, tid: str) -> int:
+    """The engine seed of a trial: its init, dropout and data order depend on nothing else."""
+    return int(stable_hash([seed, tid]), 16) % 2**31
+
+
+def trial_name(cfg: Config, params: dict[str, Any]) -> str:
+    """A readable name such as `r16-a32-lr2e-4`, then any other swept values (`-do0.1`, `-s3`)."""
+    parts = [f"r{cfg.lora.r}", f"a{fmt_number(cfg.lora.alpha, _NAME_DIGITS)}",
+             f"lr{fmt_number(cfg.train.learning_rate, _NAME_DIGITS)}"]
+    for key, value in params.items():
+        if key in _ALWAYS:
+            continue
+        short = _SHORT.get(key, key.rpartition(".")[2])
+        if isinstance(value, list | tuple):
+            value = "+".join(map(str, value))
+        shown = fmt_number(value, _NAME_DIGITS) if isinstance(value, float) else value
+        parts.append(f"{short}{shown}")
+    return "-".join(parts)
+
+
+def fmt_number(x: float | int, digits: int = _DIGITS) -> str:
+    """A short stable form: 32.0 -> '32', 0.05 -> '0.05', 0.0002 -> '2e-4', 1.5e-05 -> '1.5e-5'.
+
+    At most `digits` significant digits are shown.
+    """
+    if isinstance(x, int) or (math.isfinite(x) and float(x).is_integer() and abs(x) < 1e6):
+        return str(int(x))
+    if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e6):
+        mantissa, exponent = f"{x:.{digits - 1}e}".split("e")
+        mantissa = mantissa.rstrip("0").rstrip(".")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{x:.{digits}g}"
+
+
+def _draw(rng: random.Random, spec: Any) -> Any:
+    """One value of a random-search param: a list's element, or a number within a range."""
+    if isinstance(spec, list):
+        return rng.choice(spec)
+    low, high = spec["low"], spec["high"]
+    if spec["log"]:
+        value = math.exp(rng.uniform(math.log(low), math.log(high)))
+    else:
+        value = rng.uniform(low, high)
+    if spec["type"] == "int":
+        value = round(value)
+    else:
+        value = float(f"{value:.{_DIGITS}g}")
+    value = min(max(value, low), high)  # rounding may step just outside
+    return type(low)(value)
+
+
+def format_trials(cfg: Config, trials: list[Trial]) -> str:
+    """A plain-text table of `trials` under one line describing the sweep (for dry runs and logs)."""
+    swept = list(cfg.sweep.params)
+    head = (f"sweep {cfg.sweep.name} ({cfg.sweep.strategy}): {len(trials)} trial"
+            f"{'' if len(trials) == 1 else 's'} on {cfg.model.name_or_path} "
+            f"({cfg.quant.type}, {cfg.quant.compute_dtype}), data {cfg.data.path or 'bundled'}, "
+            f"{cfg.train.max_steps} steps, up to {cfg.pack.max_adapters} per pack")
+    rows = [["#", "trial_id", "name", *swept]]
+    for i, t in enumerate(trials, 1):
+        values = [fmt_number(t.params[k]) if isinstance(t.params[k], float) else str(t.params[k])
+                  for k in swept]
+        rows.append([str(i), t.trial_id, t.name, *values])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join([head, *lines])

@@ -1,0 +1,265 @@
+"""MLflow: the one place that names its keys, and the sweep's only writer.
+
+Layout (promised in INTERFACE.md): one experiment; one parent run per sweep (run name = sweep
+name, tag `qlora.role=sweep`, the sweep definition as params); one child run per trial (tags
+`mlflow.parentRunId`, `qlora.role=trial`, `qlora.trial_id`; every setting as a param; metrics
+`train_loss` per step and `eval_loss` per evaluation; the adapter under `adapter/`).
+
+Only the driver writes, and metrics are buffered and sent with `log_batch` at most about once a
+second: one writer keeps SQLite free of lock errors and keeps Ray workers free of MLflow (a run
+opened in another process would also land in the Default experiment unless told otherwise).
+
+Statuses. A child ends FINISHED when its trial finished or was stopped early by the search, and
+FAILED (tag `qlora.failure` says why) when it diverged or failed. The parent mirrors the exit
+code: FINISHED when every trial finished, FAILED (with `qlora.failure` counting the failed
+trials) otherwise, so the runs list flags a sweep that needs a look. If the driver itself raises,
+`Tracker` as a context manager ends every run still RUNNING: KILLED for Ctrl-C, else FAILED.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from orchestrator.schema import Config, TrackingCfg
+
+if TYPE_CHECKING:
+    from orchestrator.search import Trial
+    from qlora import TrialResult
+
+# Tags
+ROLE_TAG = "qlora.role"
+ROLE_SWEEP = "sweep"
+ROLE_TRIAL = "trial"
+TRIAL_ID_TAG = "qlora.trial_id"
+FAILURE_TAG = "qlora.failure"
+STATUS_TAG = "qlora.status"  # the engine's word: finished | stopped | diverged | failed
+PACK_TAG = "qlora.pack_id"
+NODE_TAG = "qlora.node_id"
+DEVICES_TAG = "qlora.cuda_visible_devices"
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+# Metrics
+TRAIN_LOSS = "train_loss"
+EVAL_LOSS = "eval_loss"
+# Artifacts
+ADAPTER_DIR = "adapter"
+
+#: Params whose names are promised as they are; every other setting is `<section>_<key>`.
+PARAM_NAMES = {("lora", "r"): "lora_r", ("lora", "alpha"): "lora_alpha",
+               ("train", "learning_rate"): "learning_rate"}
+TRIAL_SECTIONS = ("model", "data", "quant", "lora", "train")
+FLUSH_INTERVAL_S = 1.0
+MAX_TAG_CHARS = 5000  # MLflow caps tag values at 8000
+_BATCH_METRICS = 1000  # MLflow's per-call limits
+_BATCH_PARAMS = 100
+_SUCCESS = ("finished", "stopped")
+
+
+def trial_params(trial: Trial) -> dict[str, str]:
+    """Every setting of a trial's config flattened to MLflow params (`lora_r`, `train_max_steps`...)."""
+    cfg = trial.config
+    params: dict[str, str] = {}
+    for section in TRIAL_SECTIONS:
+        for key, value in asdict(getattr(cfg, section)).items():
+            params[PARAM_NAMES.get((section, key), f"{section}_{key}")] = _param_value(value)
+    params["seed"] = _param_value(cfg.seed)
+    params["trial_seed"] = _param_value(trial.spec.seed)
+    return params
+
+
+def sweep_params(config: Config, num_trials: int, extra: dict | None = None) -> dict[str, str]:
+    """The parent run's params: the sweep definition and how it was scheduled."""
+    sweep = config.sweep
+    params = {
+        "sweep_name": sweep.name,
+        "sweep_strategy": sweep.strategy,
+        "sweep_params": json.dumps(sweep.params, sort_keys=True, default=str),
+        "sweep_num_trials": sweep.num_trials,
+        "num_trials": num_trials,
+        "seed": config.seed,
+        "pack_max_adapters": config.pack.max_adapters,
+        "cluster_address": config.cluster.address,
+    }
+    params.update(extra or {})
+    return {k: _param_value(v) for k, v in params.items()}
+
+
+def is_success(status: str) -> bool:
+    """Whether an engine status counts as a trial that did not fail."""
+    return status in _SUCCESS
+
+
+class Tracker:
+    """Writes one sweep to MLflow from the driver. Use as a context manager."""
+
+    def __init__(self, tracking: TrackingCfg):
+        """Connect to `tracking.uri` and get or create `tracking.experiment`."""
+        self.uri = tracking.uri
+        self.client = MlflowClient(tracking_uri=tracking.uri)
+        self.experiment_name = tracking.experiment
+        self.experiment_id = self._experiment(tracking)
+        self.parent_run_id: str | None = None
+        self.run_ids: dict[str, str] = {}  # trial_id -> child run id
+        self._open: set[str] = set()  # runs not yet terminated
+        self._buffer: dict[str, list[Metric]] = {}
+        self._last_flush = 0.0
+        self._logged: set[tuple[str, str, int]] = set()  # (trial_id, key, step) already buffered
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start_sweep(self, config: Config, trials: list[Trial], extra_params: dict | None = None):
+        """Create the parent run and one RUNNING child per trial; returns the parent run id."""
+        parent = self.client.create_run(self.experiment_id, run_name=config.sweep.name,
+                                        tags={ROLE_TAG: ROLE_SWEEP})
+        self.parent_run_id = parent.info.run_id
+        self._open.add(self.parent_run_id)
+        self._log_params(self.parent_run_id, sweep_params(config, len(trials), extra_params))
+        for trial in trials:
+            run = self.client.create_run(self.experiment_id, tags={
+                PARENT_TAG: self.parent_run_id, ROLE_TAG: ROLE_TRIAL,
+                TRIAL_ID_TAG: trial.trial_id, RUN_NAME_TAG: trial.name,
+            })
+            run_id = run.info.run_id
+            self.run_ids[trial.trial_id] = run_id
+            self._open.add(run_id)
+            self._log_params(run_id, trial_params(trial))
+        return self.parent_run_id
+
+    def log_metrics(self, trial_id: str, step: int, metrics: dict[str, float],
+                    timestamp: float | None = None) -> None:
+        """Buffer a trial's metrics at `step` (sent by `flush`)."""
+        run_id = self.run_ids[trial_id]
+        ms = int((timestamp or time.time()) * 1000)
+        buf = self._buffer.setdefault(run_id, [])
+        for key, value in metrics.items():
+            buf.append(Metric(key=key, value=float(value), timestamp=ms, step=int(step)))
+            self._logged.add((trial_id, key, int(step)))
+
+    def flush(self, force: bool = False) -> None:
+        """Send buffered metrics, at most once per `FLUSH_INTERVAL_S` unless `force`."""
+        now = time.monotonic()
+        if not force and now - self._last_flush < FLUSH_INTERVAL_S:
+            return
+        self._last_flush = now
+        buffer, self._buffer = self._buffer, {}
+        for run_id, metrics in buffer.items():
+            for i in range(0, len(metrics), _BATCH_METRICS):
+                self.client.log_batch(run_id, metrics=metrics[i:i + _BATCH_METRICS])
+
+    def end_trial(self, result: TrialResult, adapter_dir: Path | None = None,
+                  tags: dict[str, str] | None = None) -> None:
+        """Log what the stream missed, the adapter folder (if any), then end the child run.
+
+        Points the stream delivered are not logged twice; the final eval_loss is always present.
+        """
+        trial_id, run_id = result.trial_id, self.run_ids[result.trial_id]
+        for step, loss in enumerate(result.train_losses, 1):
+            if (trial_id, TRAIN_LOSS, step) not in self._logged:
+                self.log_metrics(trial_id, step, {TRAIN_LOSS: loss})
+        history = list(result.eval_history)
+        if result.eval_loss is not None:
+            history.append((result.steps, result.eval_loss))
+        for step, loss in history:
+            if (trial_id, EVAL_LOSS, step) not in self._logged:
+                self.log_metrics(trial_id, step, {EVAL_LOSS: loss})
+        self.flush(force=True)
+        if adapter_dir is not None:
+            self.client.log_artifacts(run_id, str(adapter_dir), ADAPTER_DIR)
+        run_tags = {STATUS_TAG: result.status, **(tags or {})}
+        if not is_success(result.status):
+            run_tags[FAILURE_TAG] = result.reason or result.status
+        self._set_tags(run_id, run_tags)
+        self._terminate(run_id, "FINISHED" if is_success(result.status) else "FAILED")
+
+    def end_sweep(self, failed: list[str]) -> None:
+        """End every child left open as FAILED, then the parent (FAILED if any trial failed)."""
+        self.flush(force=True)
+        for trial_id, run_id in self.run_ids.items():
+            if run_id in self._open:
+                failed = [*failed, trial_id]
+                self._set_tags(run_id, {FAILURE_TAG: "the sweep ended without a result for it"})
+                self._terminate(run_id, "FAILED")
+        if self.parent_run_id is None:
+            return
+        if failed:
+            self._set_tags(self.parent_run_id, {
+                FAILURE_TAG: f"{len(failed)} of {len(self.run_ids)} trials failed"})
+        self._terminate(self.parent_run_id, "FAILED" if failed else "FINISHED")
+
+    def abort(self, error: BaseException) -> None:
+        """End every open run: KILLED on Ctrl-C, else FAILED, tagged with the driver's error."""
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        why = "interrupted" if status == "KILLED" else f"driver error: {type(error).__name__}: {error}"
+        try:
+            self.flush(force=True)
+        except Exception:
+            pass  # the runs' status matters more than their last second of metrics
+        for run_id in [*self._open]:
+            try:
+                self._set_tags(run_id, {FAILURE_TAG: why})
+                self._terminate(run_id, status)
+            except Exception:
+                pass
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.abort(exc)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _experiment(self, tracking: TrackingCfg) -> str:
+        exp = self.client.get_experiment_by_name(tracking.experiment)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        location = None
+        if _is_local_store(tracking.uri):
+            # Without this a SQLite store puts artifacts under ./mlruns, wherever the UI expects.
+            location = Path(tracking.artifact_location).resolve().as_uri()
+        try:
+            return self.client.create_experiment(tracking.experiment, artifact_location=location)
+        except MlflowException:
+            exp = self.client.get_experiment_by_name(tracking.experiment)  # created meanwhile
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), _BATCH_PARAMS):
+            self.client.log_batch(run_id, params=items[i:i + _BATCH_PARAMS])
+
+    def _set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        items = [RunTag(k, _truncate(str(v))) for k, v in tags.items()]
+        self.client.log_batch(run_id, tags=items)
+
+    def _terminate(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+        self._open.discard(run_id)
+
+
+def _is_local_store(uri: str) -> bool:
+    return urlparse(uri).scheme in ("", "file", "sqlite")
+
+
+def _param_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return _truncate(str(value))
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= MAX_TAG_CHARS else text[: MAX_TAG_CHARS - 3] + "..."
