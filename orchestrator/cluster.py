@@ -384,13 +384,20 @@ def _worker_env(plan: WorkerPlan) -> dict[str, str]:
 
 
 def _drain(queue: Queue) -> list:
-    # One consumer, so what qsize() reports is there to take.
-    n = queue.qsize()
-    if not n:
-        return []
+    """Streamed events waiting in the queue. Live progress is best effort: if the queue's actor is
+    lost (seen once on a heavily loaded 2-core machine: it died before it started), the sweep goes
+    on and every trial's full history still arrives with its pack's outcome."""
     try:
-        return queue.get_nowait_batch(n)
+        # One consumer, so what qsize() reports is there to take.
+        n = queue.qsize()
+        return queue.get_nowait_batch(n) if n else []
     except Empty:
+        return []
+    except ray.exceptions.RayError as e:
+        if not getattr(_drain, "warned", False):
+            log.warning("live metrics lost (%s); results still arrive when each pack ends",
+                        _first_line(e))
+            _drain.warned = True
         return []
 
 
