@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import sys
 import tempfile
 import urllib.error
 import urllib.parse
@@ -36,18 +37,29 @@ def preflight(cfg: Config) -> None:
 
 
 def check_data(cfg: Config) -> None:
-    """`data.path` and `data.eval_path` exist and parse in `data.format` (the bundled set is ours)."""
+    """Every data file a trial will read exists and parses in its `data.format` (the bundled set is
+    ours). A sweep may give trials their own `data.path`: each distinct file is checked once.
+    With `data.skip_invalid=true`, how many rows will be skipped is said here, before training."""
     from qlora.data import DataError, validate_data_file
 
-    for key, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
-        if path is None:
-            continue
-        try:
-            validate_data_file(os.path.expanduser(path), cfg.data.format, cfg.data.skip_invalid)
-        except DataError as e:
-            raise ConfigError(key, str(e)) from None
-        except OSError as e:
-            raise ConfigError(key, f"{path}: {e.strerror or e}") from None
+    from .search import expand
+
+    seen: set[tuple] = set()
+    for data in [cfg.data, *(t.config.data for t in expand(cfg))]:
+        for key, path in (("data.path", data.path), ("data.eval_path", data.eval_path)):
+            if path is None or (path, data.format, data.skip_invalid) in seen:
+                continue
+            seen.add((path, data.format, data.skip_invalid))
+            try:
+                info = validate_data_file(os.path.expanduser(path), data.format,
+                                          data.skip_invalid)
+            except DataError as e:
+                raise ConfigError(key, str(e)) from None
+            except OSError as e:
+                raise ConfigError(key, f"{path}: {e.strerror or e}") from None
+            if info.get("skipped"):
+                print(f"note: {key}: {path}: {info['skipped']} invalid rows will be skipped "
+                      f"(data.skip_invalid=true), {info['rows']} kept", file=sys.stderr)
 
 
 def check_model(cfg: Config) -> None:

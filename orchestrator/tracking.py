@@ -14,6 +14,12 @@ FAILED (tag `qlora.failure` says why) when it diverged or failed. The parent mir
 code: FINISHED when every trial finished, FAILED (with `qlora.failure` counting the failed
 trials) otherwise, so the runs list flags a sweep that needs a look. If the driver itself raises,
 `Tracker` as a context manager ends every run still RUNNING: KILLED for Ctrl-C, else FAILED.
+
+Resume. MLflow is the sweep's ledger: `find_unfinished_sweep` finds the latest parent of the same
+name that is not FINISHED, and `resume_sweep` continues it in place: a trial whose child run is
+FINISHED is done; every other child is set RUNNING again and logged into (no trial gets a second
+run; the points it already holds are not logged twice); trials new to the sweep get a child.
+Counters on a child: `qlora.restarts` (sent again after a lost worker), `qlora.oom_splits`.
 """
 
 from __future__ import annotations
@@ -45,6 +51,12 @@ STATUS_TAG = "qlora.status"  # the engine's word: finished | stopped | diverged 
 PACK_TAG = "qlora.pack_id"
 NODE_TAG = "qlora.node_id"
 DEVICES_TAG = "qlora.cuda_visible_devices"
+DATA_TAG_PREFIX = "qlora.data."  # + data_hash, n_train, n_eval, n_truncated, n_skipped, ...
+STEPS_TAG = "qlora.steps"  # optimizer steps the trial ran
+RESTARTS_TAG = "qlora.restarts"  # times the trial went again from its checkpoint after a lost worker
+OOM_SPLITS_TAG = "qlora.oom_splits"  # times its pack was split after running out of device memory
+CHECKPOINT_DIR_TAG = "qlora.checkpoint_dir"  # on the parent: where its trials checkpoint
+RESUMES_TAG = "qlora.resumes"  # on the parent: how many times `resume=true` continued it
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 # Metrics
@@ -113,6 +125,7 @@ class Tracker:
         self._buffer: dict[str, list[Metric]] = {}
         self._last_flush = 0.0
         self._logged: set[tuple[str, str, int]] = set()  # (trial_id, key, step) already buffered
+        self._counts: dict[tuple[str, str], int] = {}  # (trial_id, counter tag) -> value
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -124,23 +137,91 @@ class Tracker:
         self._open.add(self.parent_run_id)
         self._log_params(self.parent_run_id, sweep_params(config, len(trials), extra_params))
         for trial in trials:
-            run = self.client.create_run(self.experiment_id, tags={
-                PARENT_TAG: self.parent_run_id, ROLE_TAG: ROLE_TRIAL,
-                TRIAL_ID_TAG: trial.trial_id, RUN_NAME_TAG: trial.name,
-            })
-            run_id = run.info.run_id
-            self.run_ids[trial.trial_id] = run_id
-            self._open.add(run_id)
-            self._log_params(run_id, trial_params(trial))
+            self._new_child(trial)
         return self.parent_run_id
+
+    def find_unfinished_sweep(self, name: str):
+        """The latest parent run named `name` in the experiment that is not FINISHED, or None."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}' and attributes.run_name = '{name}'",
+            order_by=["attributes.start_time DESC"], max_results=1000)
+        return next((r for r in runs if r.info.status != "FINISHED"), None)
+
+    def resume_sweep(self, parent, config: Config, trials: list[Trial],
+                     extra_params: dict | None = None) -> dict:
+        """Continue the sweep of the parent run `parent` with `trials`; returns the FINISHED child
+        runs by trial id (their trials are not to run again).
+
+        The parent and every other child of these trials are set RUNNING again; a child of the
+        parent that is no trial of this sweep and was left RUNNING by a lost driver ends KILLED.
+        """
+        self.parent_run_id = parent_id = parent.info.run_id
+        self.client.update_run(parent_id, status="RUNNING")
+        self._open.add(parent_id)
+        self._forget_end(parent)
+        resumes = int(parent.data.tags.get(RESUMES_TAG, "0")) + 1
+        self._set_tags(parent_id, {RESUMES_TAG: str(resumes)})
+        params = sweep_params(config, len(trials), extra_params)
+        self._log_params(parent_id, {k: v for k, v in params.items() if k not in parent.data.params})
+        children: dict[str, object] = {}
+        others = []
+        for run in self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                order_by=["attributes.start_time ASC"], max_results=50000):
+            tid = run.data.tags.get(TRIAL_ID_TAG)
+            kept = children.get(tid)
+            if tid is None or (kept is not None and kept.info.status == "FINISHED"):
+                others.append(run)
+                continue
+            if kept is not None:
+                others.append(kept)
+            children[tid] = run
+        done = {}
+        for trial in trials:
+            run = children.pop(trial.trial_id, None)
+            if run is None:
+                self._new_child(trial)
+            elif run.info.status == "FINISHED":
+                done[trial.trial_id] = run
+                self.run_ids[trial.trial_id] = run.info.run_id
+            else:
+                self._reopen_child(trial, run)
+        for run in [*others, *children.values()]:
+            if run.info.status == "RUNNING":
+                self._set_tags(run.info.run_id, {
+                    FAILURE_TAG: "orphaned: its driver was lost and resume=true did not continue it"})
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+        return done
+
+    def count(self, trial_id: str, tag: str) -> int:
+        """Add one to a trial's counter tag (`RESTARTS_TAG`, `OOM_SPLITS_TAG`), shown at once."""
+        value = self._counts.get((trial_id, tag), 0) + 1
+        self._counts[(trial_id, tag)] = value
+        self._set_tags(self.run_ids[trial_id], {tag: str(value)})
+        return value
+
+    def counts(self, trial_id: str) -> dict[str, int]:
+        """A trial's counters, those of earlier drivers of a resumed sweep included."""
+        return {tag: self._counts.get((trial_id, tag), 0) for tag in (RESTARTS_TAG, OOM_SPLITS_TAG)}
+
+    def set_sweep_tags(self, tags: dict[str, str]) -> None:
+        """Tags on the parent run."""
+        self._set_tags(self.parent_run_id, tags)
 
     def log_metrics(self, trial_id: str, step: int, metrics: dict[str, float],
                     timestamp: float | None = None) -> None:
-        """Buffer a trial's metrics at `step` (sent by `flush`)."""
+        """Buffer a trial's metrics at `step` (sent by `flush`).
+
+        A key already logged at that step is skipped: a trial that continues from a checkpoint
+        reports its steps after the checkpoint again, with the same values.
+        """
         run_id = self.run_ids[trial_id]
         ms = int((timestamp or time.time()) * 1000)
         buf = self._buffer.setdefault(run_id, [])
         for key, value in metrics.items():
+            if (trial_id, key, int(step)) in self._logged:
+                continue
             buf.append(Metric(key=key, value=float(value), timestamp=ms, step=int(step)))
             self._logged.add((trial_id, key, int(step)))
 
@@ -163,18 +244,18 @@ class Tracker:
         """
         trial_id, run_id = result.trial_id, self.run_ids[result.trial_id]
         for step, loss in enumerate(result.train_losses, 1):
-            if (trial_id, TRAIN_LOSS, step) not in self._logged:
-                self.log_metrics(trial_id, step, {TRAIN_LOSS: loss})
+            self.log_metrics(trial_id, step, {TRAIN_LOSS: loss})
         history = list(result.eval_history)
         if result.eval_loss is not None:
             history.append((result.steps, result.eval_loss))
         for step, loss in history:
-            if (trial_id, EVAL_LOSS, step) not in self._logged:
-                self.log_metrics(trial_id, step, {EVAL_LOSS: loss})
+            self.log_metrics(trial_id, step, {EVAL_LOSS: loss})
         self.flush(force=True)
         if adapter_dir is not None:
             self.client.log_artifacts(run_id, str(adapter_dir), ADAPTER_DIR)
-        run_tags = {STATUS_TAG: result.status, **(tags or {})}
+        run_tags = {STATUS_TAG: result.status, STEPS_TAG: result.steps, **(tags or {})}
+        run_tags.update({DATA_TAG_PREFIX + k: str(v) for k, v in (result.data or {}).items()
+                         if v is not None})
         if not is_success(result.status):
             run_tags[FAILURE_TAG] = result.reason or result.status
         self._set_tags(run_id, run_tags)
@@ -218,6 +299,38 @@ class Tracker:
             self.abort(exc)
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _new_child(self, trial: Trial) -> None:
+        run = self.client.create_run(self.experiment_id, tags={
+            PARENT_TAG: self.parent_run_id, ROLE_TAG: ROLE_TRIAL,
+            TRIAL_ID_TAG: trial.trial_id, RUN_NAME_TAG: trial.name,
+        })
+        run_id = run.info.run_id
+        self.run_ids[trial.trial_id] = run_id
+        self._open.add(run_id)
+        self._log_params(run_id, trial_params(trial))
+
+    def _reopen_child(self, trial: Trial, run) -> None:
+        """Log into an unfinished trial's run again, knowing which points it already holds."""
+        run_id, tid = run.info.run_id, trial.trial_id
+        self.client.update_run(run_id, status="RUNNING")
+        self.run_ids[tid] = run_id
+        self._open.add(run_id)
+        self._forget_end(run)
+        params = trial_params(trial)
+        self._log_params(run_id, {k: v for k, v in params.items() if k not in run.data.params})
+        for key in run.data.metrics:
+            for m in self.client.get_metric_history(run_id, key):
+                self._logged.add((tid, key, int(m.step)))
+        for tag in (RESTARTS_TAG, OOM_SPLITS_TAG):
+            if tag in run.data.tags:
+                self._counts[(tid, tag)] = int(run.data.tags[tag])
+
+    def _forget_end(self, run) -> None:
+        # The tags of an earlier end would contradict a run that is RUNNING again.
+        for tag in (FAILURE_TAG, STATUS_TAG):
+            if tag in run.data.tags:
+                self.client.delete_tag(run.info.run_id, tag)
 
     def _experiment(self, tracking: TrackingCfg) -> str:
         exp = self.client.get_experiment_by_name(tracking.experiment)

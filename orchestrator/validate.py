@@ -34,6 +34,8 @@ from .schema import Config, SweepDef
 STRATEGIES = ("grid", "random")
 #: Per-trial keys that stay out of sweeps: they shape the shared base, not one adapter.
 BASE_ONLY_TRAIN_KEYS = ("gradient_checkpointing", "activation_offload")
+#: train.* keys that hold for the whole sweep: how often trials are checkpointed, fault injection.
+SWEEP_WIDE_TRAIN_KEYS = ("checkpoint_every", "inject_oom_at_step")
 RANGE_KEYS = ("low", "high", "log", "type")
 
 
@@ -93,11 +95,17 @@ RULES: dict[str, Rule] = {
     "train.lr_schedule": _choice(LR_SCHEDULES),
     "train.max_grad_norm": Rule("a number >= 0 (0 disables clipping)", lambda v: v >= 0),
     "train.eval_every": Rule("an integer >= 0 (0 = only at the end)", lambda v: v >= 0),
+    "train.checkpoint_every": Rule("an integer >= 0 (0 = only when a trial ends)",
+                                   lambda v: v >= 0),
+    "train.inject_oom_at_step": Rule("an integer >= 1 or null (testing only)",
+                                     lambda v: v is None or v >= 1),
     "pack.max_adapters": Rule("an integer in 1..64", lambda v: 1 <= v <= 64),
     "cluster.address": Rule("local, auto or ray://HOST:PORT", _ray_address_ok),
     "cluster.num_workers": Rule("an integer >= 1 or null", lambda v: v is None or v >= 1),
     "cluster.gpus_per_worker": Rule("a number >= 0 or null", lambda v: v is None or v >= 0),
     "cluster.max_retries": Rule("an integer >= 0", lambda v: v >= 0),
+    "cluster.checkpoint_dir": _nonempty(
+        "a folder path (shared by every node on a cluster) or null (<output_dir>/<sweep>/checkpoints)"),
     "tracking.experiment": _nonempty(),
     "tracking.artifact_location": _nonempty(),
     "sweep.name": Rule("a name of letters, digits, '_', '-' and '.'", lambda v: bool(_NAME.match(v))),
@@ -156,11 +164,14 @@ def unknown_key(key: str) -> ConfigError:
 
 
 def sweepable_keys() -> list[str]:
-    """The dotted keys a sweep may vary per trial: lora.*, train.* but the base's memory options, seed."""
+    """The dotted keys a sweep may vary per trial: lora.*, data.*, train.* but the base's memory
+    options, seed."""
     keys = [f"lora.{f.name}" for f in dataclasses.fields(_section_class("lora"))]
+    # A trial may train on its own data: one pack can hold adapters for different tasks.
+    keys += [f"data.{f.name}" for f in dataclasses.fields(_section_class("data"))]
     keys += [
         f"train.{f.name}" for f in dataclasses.fields(_section_class("train"))
-        if f.name not in BASE_ONLY_TRAIN_KEYS
+        if f.name not in BASE_ONLY_TRAIN_KEYS + SWEEP_WIDE_TRAIN_KEYS
     ]
     return keys + ["seed"]
 

@@ -260,10 +260,12 @@ def _build(spec: DataSpec, tokenizer, name: str, raw: bytes, eval_raw: bytes | N
 
     counts = {"n_truncated": 0, "n_dropped": 0, "n_skipped": skipped}
     train = _tokenize(train_rows, tokenizer, spec, counts)
+    dropped_train = counts["n_dropped"]
     eval_ = _tokenize(eval_rows, tokenizer, spec, counts, limit=spec.max_eval_examples)
     if not train:
-        raise DataError(f"{name}: no training examples left: {counts['n_dropped']} of "
-                        f"{len(train_rows)} have no response token within seq_len={spec.seq_len}")
+        raise DataError(f"{name}: no training examples left: {dropped_train} of "
+                        f"{len(train_rows)} have no response token within seq_len={spec.seq_len} "
+                        f"(raise train.seq_len, or shorten the prompts)")
     stats = {"n_rows": n_rows, "n_train": len(train), "n_eval": len(eval_), "format": fmt, **counts}
     if spec.packing == "pack":
         train = pack_examples(train, spec.seq_len, Example)

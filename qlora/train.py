@@ -59,6 +59,7 @@ class TrialResult:
     eval_history: list[tuple[int, float]] = field(default_factory=list)
     reason: str | None = None
     adapter: dict[str, bytes] | None = None
+    data: dict = field(default_factory=dict)  # data_hash and example counts, to trace the result
 
 
 @dataclass
@@ -209,7 +210,18 @@ def _end(slot: _Slot, status: str, reason: str | None = None) -> None:
         trial_id=slot.spec.trial_id, status=status, steps=slot.step,
         eval_loss=slot.eval_history[-1][1] if slot.eval_history else None,
         train_losses=list(slot.train_losses), eval_history=list(slot.eval_history), reason=reason,
+        data=_data_info(slot.data),
     )
+
+
+def _data_info(data) -> dict:
+    """What a result needs to be traced to its data: the file hash and the example counts."""
+    info = {"data_hash": getattr(data, "data_hash", None)}
+    stats = getattr(data, "stats", {}) or {}
+    for key in ("n_train", "n_eval", "n_truncated", "n_skipped", "n_dropped", "format"):
+        if key in stats:
+            info[key] = stats[key]
+    return info
 
 
 # -- one micro-step for every active trial ------------------------------------------------------
