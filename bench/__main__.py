@@ -126,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     report["padding"] = d = padding_row(512)
     print(f"  seq_len {d['seq_len']}: unpacked {d['padding_unpacked']:.1%}, "
           f"packed {d['padding_packed']:.1%}")
+    print("5. orchestration overhead of `python -m orchestrator sweep=rank_grid` (defaults)",
+          flush=True)
+    from .orchestration import measure
+
+    report["orchestration"] = o = measure([] if not opts.quick else ["train.max_steps=10"])
+    print(f"  wall {o['wall_s']:.1f}s, busiest worker {o['busy_s']:.1f}s in training -> "
+          f"overhead {o['overhead']:.1%} (startup {o['startup_s']:.1f}s, finish "
+          f"{o['finish_s']:.1f}s)", flush=True)
     report["elapsed_s"] = time.time() - started
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"cpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
