@@ -261,3 +261,32 @@ def test_packed_equals_alone_bf16_gpu(data, gc):
     for trial in trials:
         alone = train_pack(base, [trial], datasets=data)[0]
         assert _max_rel(_curve(packed[trial.trial_id]), _curve(alone)) <= 2e-2
+
+
+@pytest.mark.gpu
+def test_peft_round_trip_bf16_gpu(data, tmp_path):
+    from peft import PeftModel
+
+    base = _base(gc=True, dtype="bfloat16")
+    trial = TrialSpec(trial_id="rt16", seed=3, r=8, alpha=16.0, learning_rate=1e-2, max_steps=4,
+                      micro_batch_size=2, optimizer="paged_adamw_32bit", data=DATA)
+    result = train_pack(base, [trial], datasets=data)[0]
+    folder = write_adapter(result.adapter, tmp_path / "adapter")
+    weights = load_safetensors((folder / "adapter_model.safetensors").read_bytes())
+    inject(base, "check", trial)
+    load_adapter_state(base, "check", {k[len(PEFT_PREFIX):]: v for k, v in weights.items()})
+    ids = torch.randint(4, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours = adapter_logits(base, "check", ids).float().cpu()
+    fresh = _base(gc=False, dtype="bfloat16")
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(fresh.model, str(folder)).eval()(
+            input_ids=ids.to(fresh.device)).logits.float().cpu()
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 2e-2
+
+
+@pytest.mark.gpu
+def test_storage_bits_bf16_gpu():
+    base = load_base(BaseSpec(quant_type="none", compute_dtype="bfloat16"), device="cuda")
+    assert _bits_per_weight(base.model) == pytest.approx(16.0)
+    nf4 = load_base(BaseSpec(quant_type="nf4", compute_dtype="bfloat16"), device="cuda")
+    assert _bits_per_weight(nf4.model) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-9)
