@@ -80,11 +80,11 @@ class LoraAdapter(nn.Module):
                                                                         self.path, tick))
             if x.dim() == 3:  # (rows, T, features): draw on the (rows, width, features) canvas
                 canvas = (x.shape[0], max(width, x.shape[1]), x.shape[2])
-                keep = torch.empty(canvas, device=x.device, dtype=x.dtype)
-                keep = keep.bernoulli_(1.0 - self.dropout, generator=gen)[:, : x.shape[1]]
+                draw = torch.rand(canvas, device=x.device, generator=gen)[:, : x.shape[1]]
             else:
-                keep = torch.empty_like(x).bernoulli_(1.0 - self.dropout, generator=gen)
-            x = x * keep / (1.0 - self.dropout)
+                draw = torch.rand(x.shape, device=x.device, generator=gen)
+            # One pass: keep with probability 1 - p, scaled as nn.Dropout scales.
+            x = torch.where(draw >= self.dropout, x * (1.0 / (1.0 - self.dropout)), 0.0)
         return self.lora_B(self.lora_A(x)) * self.scale
 
 
