@@ -51,12 +51,24 @@ STATUS_TAG = "qlora.status"  # the engine's word: finished | stopped | diverged 
 PACK_TAG = "qlora.pack_id"
 NODE_TAG = "qlora.node_id"
 DEVICES_TAG = "qlora.cuda_visible_devices"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 DATA_TAG_PREFIX = "qlora.data."  # + data_hash, n_train, n_eval, n_truncated, n_skipped, ...
 STEPS_TAG = "qlora.steps"  # optimizer steps the trial ran
 RESTARTS_TAG = "qlora.restarts"  # times the trial went again from its checkpoint after a lost worker
 OOM_SPLITS_TAG = "qlora.oom_splits"  # times its pack was split after running out of device memory
 CHECKPOINT_DIR_TAG = "qlora.checkpoint_dir"  # on the parent: where its trials checkpoint
 RESUMES_TAG = "qlora.resumes"  # on the parent: how many times `resume=true` continued it
+# A trial stopped by the search (status FINISHED, qlora.status=stopped): where and why.
+STOPPED_AT_RUNG_TAG = "qlora.stopped_at_rung"  # 1-based rung (sweep.asha.rungs)
+STOPPED_AT_STEP_TAG = "qlora.stopped_at_step"  # the rung's step
+STOP_REASON_TAG = "qlora.stop_reason"
+BEST_TRIAL_TAG = "qlora.best_trial_id"  # on the parent: the trial with the lowest final eval_loss
+BEST_RUN_TAG = "qlora.best_run_id"
+# Model Registry (orchestrator/registry.py): the alias of the best adapter and its lineage tags.
+CHAMPION_ALIAS = "champion"
+LINEAGE_PREFIX = "qlora."  # + base_model, base_revision, quant_type, quant_double_quant,
+#                            quant_compute_dtype, data_hash, code_version, trial_id, eval_loss, ...
+REGISTERED_TAG = "qlora.registered_as"  # on the parent: models:/NAME/VERSION of the best adapter
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 # Metrics
@@ -64,6 +76,7 @@ TRAIN_LOSS = "train_loss"
 EVAL_LOSS = "eval_loss"
 # Artifacts
 ADAPTER_DIR = "adapter"
+REPORT_DIR = "report"  # on the parent: the sweep's plots (orchestrator/report.py)
 
 #: Params whose names are promised as they are; every other setting is `<section>_<key>`.
 PARAM_NAMES = {("lora", "r"): "lora_r", ("lora", "alpha"): "lora_alpha",
@@ -139,6 +152,10 @@ class Tracker:
         for trial in trials:
             self._new_child(trial)
         return self.parent_run_id
+
+    def add_trial(self, trial: Trial) -> None:
+        """A RUNNING child run for a trial proposed after the sweep started (Optuna's rounds)."""
+        self._new_child(trial)
 
     def find_unfinished_sweep(self, name: str):
         """The latest parent run named `name` in the experiment that is not FINISHED, or None."""
@@ -343,7 +360,11 @@ class Tracker:
             # Without this a SQLite store puts artifacts under ./mlruns, wherever the UI expects.
             location = Path(tracking.artifact_location).resolve().as_uri()
         try:
-            return self.client.create_experiment(tracking.experiment, artifact_location=location)
+            return self.client.create_experiment(
+                tracking.experiment, artifact_location=location,
+                # MLflow 3's UI opens an experiment in its GenAI view unless told it holds
+                # training runs; this tag makes it open on the runs table and loss charts.
+                tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
         except MlflowException:
             exp = self.client.get_experiment_by_name(tracking.experiment)  # created meanwhile
             if exp is None:
