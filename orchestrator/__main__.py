@@ -5,7 +5,8 @@ takes over, plain overrides are composed once here so that every mistake (an unk
 unknown key, a bad value, a missing file, a server that is down) ends in one line on stderr,
 `error: <key>: <what is wrong>`, and exit status 2, before Ray or MLflow start.
 
-Exit status: 0 every trial finished, 1 a trial failed, 2 a bad config or an unreachable service.
+Exit status: 0 every trial finished, 1 a trial failed, 2 a bad config or an unreachable service,
+130 interrupted by Ctrl-C (the command that resumes the sweep is printed).
 """
 
 from __future__ import annotations
@@ -88,7 +89,11 @@ def _dry_run(config: Config) -> str:
     from .search import expand, format_trials
 
     trials = expand(config)
-    return (f"{format_trials(config, trials)}\n"
+    note = ""
+    if config.sweep.strategy == "optuna":
+        note = (f"optuna: the first round of a budget of {config.sweep.num_trials}; later rounds "
+                "are proposed from the results\n")
+    return (f"{format_trials(config, trials)}\n{note}"
             "dry run: nothing was started (drop dry_run=true to run the sweep)")
 
 

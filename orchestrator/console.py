@@ -52,6 +52,14 @@ class Console:
                     t.name, total=t.spec.max_steps, loss="", state="queued", start=False)
             self._progress.start()
 
+    def add_trial(self, trial: Trial) -> None:
+        """A trial proposed after the sweep started (Optuna's later rounds)."""
+        self._trials[trial.trial_id] = trial
+        self._every[trial.trial_id] = max(1, math.ceil(trial.spec.max_steps / LINES_PER_TRIAL))
+        if self._progress is not None:
+            self._tasks[trial.trial_id] = self._progress.add_task(
+                trial.name, total=trial.spec.max_steps, loss="", state="queued", start=False)
+
     def print(self, text: str) -> None:
         """A line above the progress bars (or in the log)."""
         self.rich.print(text, markup=False)

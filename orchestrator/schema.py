@@ -61,6 +61,10 @@ class TrainCfg:
     eval_every: int = 0
     gradient_checkpointing: bool = True
     activation_offload: bool = False
+    checkpoint_every: int = 20  # steps between a trial's checkpoints (and one at its end)
+    # Testing only: raise CUDA's out-of-memory error at this step while the trial shares a pack
+    # with others (simulates a pack too big for the device). Never part of a trial's id.
+    inject_oom_at_step: int | None = None
 
 
 @dataclass
@@ -74,6 +78,7 @@ class ClusterCfg:
     num_workers: int | None = None  # None = one per GPU, or one per CPU core without GPUs
     gpus_per_worker: float | None = None  # None = 1 where the cluster has GPUs, else 0
     max_retries: int = 2
+    checkpoint_dir: str | None = None  # None = <output_dir>/<sweep name>/checkpoints
 
 
 @dataclass
@@ -81,6 +86,25 @@ class TrackingCfg:
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "qlora-sweeps"
     artifact_location: str = "mlartifacts"  # for a new experiment on a local store
+    # Register the best trial's adapter in the Model Registry under this name, alias `champion`
+    # (None = do not register). See orchestrator/registry.py.
+    register_as: str | None = None
+
+
+@dataclass
+class AshaCfg:
+    """Successive halving's rungs (see orchestrator/asha.py)."""
+
+    rungs: list[float] = field(default_factory=lambda: [0.25, 0.5])  # fractions of max_steps
+    eta: float = 3.0  # past each rung, the best 1/eta of the sweep's trials continue
+
+
+@dataclass
+class OptunaCfg:
+    """Model-based search (see orchestrator/optuna_search.py)."""
+
+    startup_trials: int = 8  # proposals drawn at random before TPE models the results
+    batch_size: int | None = None  # proposals per round; None = every adapter slot of the sweep
 
 
 @dataclass
@@ -88,10 +112,13 @@ class SweepDef:
     """A sweep from `sweeps/`: how to turn the base config into trials."""
 
     name: str = "single"
-    strategy: str = "grid"  # grid | random
-    # dotted trial key -> list of values (grid, random) or {low, high, log} (random)
+    strategy: str = "grid"  # grid | random | optuna
+    # dotted trial key -> list of values (grid, random, optuna) or {low, high, log} (random, optuna)
     params: dict = field(default_factory=dict)
-    num_trials: int | None = None  # random: how many trials to draw
+    num_trials: int | None = None  # random: how many trials to draw; optuna: the trial budget
+    scheduler: str = "none"  # none | asha: stop the worse trials at rungs, backfill their slots
+    asha: AshaCfg = field(default_factory=AshaCfg)
+    optuna: OptunaCfg = field(default_factory=OptunaCfg)
 
 
 @dataclass
@@ -142,5 +169,5 @@ class Config:
             warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule, max_steps=t.max_steps,
             micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
             max_grad_norm=t.max_grad_norm, optimizer=t.optimizer, eval_every=t.eval_every,
-            data=self.data_spec(),
+            data=self.data_spec(), inject_oom_at_step=t.inject_oom_at_step,
         )

@@ -3,6 +3,8 @@
 - grid   : the cartesian product of the value lists, in the YAML's order (the last key fastest).
 - random : `num_trials` draws from `random.Random(cfg.seed)`: a list gives a uniform choice, a
            range `{low, high, log, type}` a uniform (or log-uniform) number, rounded for `int`.
+- optuna : the first round of Optuna's proposals (`orchestrator.optuna_search`); the sweep asks
+           for the rest as results come in.
 
 Either way trials are deduplicated by `trial_id`, the hash of everything that affects a trial's
 numbers (model, data, quant, lora, train, seed), so the same config has the same id in any sweep:
@@ -24,8 +26,10 @@ from qlora.config import BaseSpec, TrialSpec, stable_hash
 from .schema import Config
 from .validate import sweep_params
 
-#: train.* options of the shared base: they change memory and speed, never a trial's numbers.
-_MEMORY_ONLY = ("gradient_checkpointing", "activation_offload")
+#: train.* options that never change a trial's numbers: the shared base's memory options, how
+#: often it is checkpointed, and the fault injection of tests (retries end with the same numbers).
+_NOT_IN_ID = ("gradient_checkpointing", "activation_offload", "checkpoint_every",
+              "inject_oom_at_step")
 #: How a swept key (beyond r, alpha and lr, always shown) appears in a trial's name.
 _SHORT = {
     "lora.dropout": "do", "lora.target_modules": "tm", "train.max_steps": "steps",
@@ -68,6 +72,11 @@ def expand(cfg: Config) -> list[Trial]:
             {key: _draw(rng, spec) for key, spec in params.items()}
             for _ in range(sweep.num_trials or 1)
         ]
+    elif sweep.strategy == "optuna":
+        # Later rounds follow from results: what can be listed up front is the first round.
+        from .optuna_search import first_round
+
+        return first_round(cfg)
     else:
         raise ValueError(f"unknown sweep strategy {sweep.strategy!r}")
 
@@ -105,14 +114,15 @@ def apply(cfg: Config, params: dict[str, Any]) -> Config:
 def trial_id(cfg: Config) -> str:
     """The stable hash of what decides a trial's numbers: model, data, quant, lora, train, seed.
 
-    Where it runs (pack, cluster), where it is recorded (tracking), which sweep asked for it and
-    the base's memory options do not enter, so the same trial has the same id in any sweep.
+    Where it runs (pack, cluster), where it is recorded (tracking), which sweep asked for it,
+    the base's memory options and checkpointing do not enter, so the same trial has the same id
+    in any sweep.
     """
     data = dataclasses.asdict(cfg.data)
     for key in ("path", "eval_path"):
         if data[key] is not None:
             data[key] = os.path.normpath(data[key])  # ./a.jsonl and a.jsonl are one file
-    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _MEMORY_ONLY}
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _NOT_IN_ID}
     lora = dataclasses.asdict(cfg.lora)
     if not isinstance(lora["target_modules"], str):
         lora["target_modules"] = list(lora["target_modules"])

@@ -14,6 +14,13 @@ In the order it runs:
 
 If anything raises or the user presses Ctrl-C, the tracker ends every open run (FAILED or KILLED)
 and the workers are torn down; Ray is shut down only if this sweep started it.
+
+Faults and resume. Each trial checkpoints under `<cluster.checkpoint_dir>/<parent run id>/<trial>/`
+every `train.checkpoint_every` steps and when it ends. A lost worker's trials and an out-of-memory
+pack's halves go again from there (`orchestrator.cluster`). After a lost driver (or Ctrl-C, which
+ends the runs KILLED and prints the command), `resume=true` continues the latest unfinished sweep
+of the same name: trials whose runs are FINISHED are not run again, the others continue from their
+checkpoints in their own runs. A second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
@@ -21,8 +28,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
+import shlex
+import shutil
+import signal
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,6 +43,7 @@ from mlflow.exceptions import MlflowException
 from orchestrator.cluster import (
     MetricsEvent,
     PackOutcome,
+    PackRetried,
     PackStarted,
     Placement,
     TrialEnded,
@@ -40,19 +53,40 @@ from orchestrator.cluster import (
 )
 from orchestrator.console import Console
 from orchestrator.errors import ConfigError
-from orchestrator.planner import Pack, plan
+from orchestrator.finish import finish_sweep
+from orchestrator.planner import Pack
 from orchestrator.schema import Config
 from orchestrator.search import Trial, expand
-from orchestrator.tracking import DEVICES_TAG, NODE_TAG, PACK_TAG, Tracker, is_success
+from orchestrator.search_run import SearchRun
+from orchestrator.tracking import (
+    CHECKPOINT_DIR_TAG,
+    DEVICES_TAG,
+    EVAL_LOSS,
+    NODE_TAG,
+    OOM_SPLITS_TAG,
+    PACK_TAG,
+    RESTARTS_TAG,
+    STATUS_TAG,
+    STEPS_TAG,
+    STOP_REASON_TAG,
+    STOPPED_AT_RUNG_TAG,
+    STOPPED_AT_STEP_TAG,
+    Tracker,
+    is_success,
+)
 from qlora import TrialResult, write_adapter
 
 SUMMARY_FILE = "summary.json"
+INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C
 
 
 def run_sweep(config: Config) -> int:
-    """Run every trial of `config`'s sweep; 0 if all finished, 1 if any failed, 2 on a bad setup.
+    """Run every trial of `config`'s sweep; 0 if all finished, 1 if any failed, 2 on a bad setup,
+    130 when interrupted (Ctrl-C: runs end KILLED and the command that resumes is printed).
 
-    Bad setup (store or cluster unreachable) prints one `error:` line naming the key.
+    Bad setup (store or cluster unreachable) prints one `error:` line naming the key. With
+    `resume=true`, the latest unfinished sweep of the same name continues (see the module's
+    docstring); if there is none, a note says so and a new sweep starts.
     """
     trials = expand(config)
     try:
@@ -62,27 +96,128 @@ def run_sweep(config: Config) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out_dir = Path(config.output_dir) / _safe(config.sweep.name)
-    console = Console(trials)
-    try:
-        packs = plan(trials, config.pack.max_adapters, workers.num_workers)
-        with tracker:
-            tracker.start_sweep(config, trials, extra_params={
-                "num_workers": workers.num_workers, "gpus_per_worker": workers.gpus_per_worker,
-                "num_packs": len(packs)})
-            rows = _run(packs, workers, trials, tracker, console, out_dir)
-            done = {r["trial_id"] for r in rows}
-            failed = [r["trial_id"] for r in rows if not is_success(r["status"])]
-            failed += [t.trial_id for t in trials if t.trial_id not in done]  # never reported
-            tracker.end_sweep(failed)
-    finally:
-        console.close()
+    try:  # the search's trials (Optuna proposes its first round here) and its coordinator
+        search = SearchRun(config, trials, workers)
+    except BaseException:
         disconnect(workers)
+        raise
+    trials = search.trials  # the same list: trials the search proposes later are appended
+    console = Console(trials)
+    extra = {"num_workers": workers.num_workers, "gpus_per_worker": workers.gpus_per_worker}
+    try:
+        with _Interrupts():
+            try:
+                with tracker:
+                    previous = _previous_sweep(config, tracker)
+                    if previous is None:
+                        packs = search.plan(trials)
+                        tracker.start_sweep(config, trials, extra_params={
+                            **extra, **search.params(), "num_packs": len(packs)})
+                        finished_runs = {}
+                    else:
+                        finished_runs = tracker.resume_sweep(previous, config, trials, extra)
+                        packs = search.plan([t for t in trials
+                                             if t.trial_id not in finished_runs])
+                        console.print(f"resuming sweep {config.sweep.name} (parent run "
+                                      f"{tracker.parent_run_id}): {len(finished_runs)} of "
+                                      f"{len(trials)} trials already finished")
+                    checkpoints = _checkpoint_root(config, out_dir, previous, tracker)
+                    rows = _run(packs, workers, trials, tracker, console, out_dir,
+                                search=search, checkpoint_dir=str(checkpoints),
+                                checkpoint_every=config.train.checkpoint_every,
+                                max_retries=config.cluster.max_retries)
+                    rows = _with_finished(rows, trials, finished_runs, out_dir)
+                    done = {r["trial_id"] for r in rows}
+                    failed = [r["trial_id"] for r in rows if not is_success(r["status"])]
+                    failed += [t.trial_id for t in trials if t.trial_id not in done]  # never reported
+                    finished = finish_sweep(config, tracker, rows, trials, out_dir)
+                    tracker.end_sweep(failed)
+            finally:
+                console.close()
+                search.close()
+                disconnect(workers)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: runs marked KILLED; finished trials are kept and the others "
+              f"continue from their last checkpoints with:\n  {_resume_command(config)}",
+              file=sys.stderr, flush=True)
+        return INTERRUPTED
     console.summary(config.sweep.name, rows, adapters_dir=str(out_dir),
                     parent_run_id=tracker.parent_run_id, tracking_uri=tracker.uri,
                     experiment=tracker.experiment_name)
+    for line in finished.lines:  # the search's figures, the registered adapter, the report
+        console.print(line)
     exit_code = 1 if failed else 0
-    _write_summary(out_dir / SUMMARY_FILE, config, tracker, rows, exit_code)
+    _write_summary(out_dir / SUMMARY_FILE, config, tracker, rows, exit_code, extra={
+        "resumed": previous is not None,
+        "trials_dispatched": sum(len(p.trials) for p in packs),
+        "trials_already_finished": len(finished_runs),
+        "checkpoint_dir": str(checkpoints),
+        "search": finished.summary,
+    })
+    if exit_code == 0:  # a FINISHED sweep cannot be resumed: its checkpoints serve no one
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return exit_code
+
+
+def _previous_sweep(config: Config, tracker: Tracker):
+    """The parent run that `resume=true` continues, or None (a new sweep starts)."""
+    if not config.resume:
+        return None
+    previous = tracker.find_unfinished_sweep(config.sweep.name)
+    if previous is None:
+        print(f"note: resume=true: no unfinished sweep named {config.sweep.name!r} in experiment "
+              f"{tracker.experiment_name!r}; starting a new one", file=sys.stderr)
+    return previous
+
+
+def _checkpoint_root(config: Config, out_dir: Path, previous, tracker: Tracker) -> Path:
+    """`<cluster.checkpoint_dir>/<parent run id>`: one folder per sweep run, so a new sweep of
+    the same name never continues from an older one's checkpoints; a resumed sweep reuses its own.
+    """
+    recorded = previous.data.tags.get(CHECKPOINT_DIR_TAG) if previous is not None else None
+    if recorded and config.cluster.checkpoint_dir is None:
+        root = Path(recorded)
+    else:
+        base = Path(config.cluster.checkpoint_dir or out_dir / "checkpoints").expanduser()
+        root = base.resolve() / tracker.parent_run_id  # workers do not share the driver's cwd
+    tracker.set_sweep_tags({CHECKPOINT_DIR_TAG: str(root)})
+    return root
+
+
+def _resume_command(config: Config) -> str:
+    """The command line that continues this sweep: the user's overrides plus `resume=true`."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except Exception:  # not under Hydra (a library call): the sweep's name is what resume needs
+        overrides = [f"sweep={config.sweep.name}"]
+    overrides = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "resume"]
+    return " ".join(["python -m orchestrator", *map(shlex.quote, overrides), "resume=true"])
+
+
+class _Interrupts:
+    """Ctrl-C: the first raises KeyboardInterrupt (the sweep stops cleanly), a second exits now."""
+
+    def __enter__(self) -> _Interrupts:
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._first)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _first(self, signum, frame) -> None:
+        signal.signal(signal.SIGINT, self._second)
+        raise KeyboardInterrupt
+
+    @staticmethod
+    def _second(signum, frame) -> None:
+        print("\nsecond interrupt: exiting now; runs still RUNNING are continued by resume=true",
+              file=sys.stderr, flush=True)
+        os._exit(INTERRUPTED)
 
 
 def _open_tracker(config: Config) -> Tracker:
@@ -93,39 +228,73 @@ def _open_tracker(config: Config) -> Tracker:
 
 
 def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, console: Console,
-         out_dir: Path) -> list[dict]:
-    """Dispatch the packs and record every trial as its pack ends; returns the summary rows."""
+         out_dir: Path, search: SearchRun | None = None, **faults) -> list[dict]:
+    """Dispatch the packs and record every trial as its pack ends; returns the summary rows.
+
+    `faults` are `dispatch`'s checkpoint_dir, checkpoint_every and max_retries. A `search` may
+    stop trials early, backfill slots and add trials (Optuna) as the sweep goes.
+    """
     by_id = {t.trial_id: t for t in trials}
     folders = _folder_names(trials)
     pack_trials = {p.pack_id: [t.trial_id for t in p.trials] for p in packs}
     announced: set[str] = set()  # trials whose end the console has shown
     rows: dict[str, dict] = {}
-    with contextlib.closing(dispatch(packs, workers)) as batches:
+    options = search.dispatch_options() if search is not None else {}
+    with contextlib.closing(dispatch(packs, workers, **faults, **options)) as batches:
         for events in batches:
+            if search is not None:  # trials and packs it added, known before their events
+                new_trials, new_packs = search.take_new()
+                for trial in new_trials:
+                    by_id[trial.trial_id] = trial
+                    folders[trial.trial_id] = _folder_for(trial, folders)
+                    tracker.add_trial(trial)
+                    console.add_trial(trial)
+                pack_trials.update(new_packs)
             for ev in events:
                 if isinstance(ev, MetricsEvent):
                     tracker.log_metrics(ev.trial_id, ev.step, ev.metrics, ev.time)
                     console.metrics(ev.trial_id, ev.step, ev.metrics)
+                    if search is not None:
+                        search.on_metrics(ev.trial_id, ev.step, ev.metrics)
                 elif isinstance(ev, PackStarted):
                     console.pack_started(ev.pack_id, pack_trials[ev.pack_id], ev.placement)
                 elif isinstance(ev, TrialEnded):
-                    announced.add(ev.trial_id)
-                    console.trial_ended(ev.trial_id, ev.status, ev.steps, ev.eval_loss, ev.reason)
+                    if ev.trial_id not in announced:  # a retried pack reports a trial again
+                        announced.add(ev.trial_id)
+                        stop = (search.stop_of(ev.trial_id)
+                                if search is not None and ev.status == "stopped" else None)
+                        console.trial_ended(ev.trial_id, ev.status, ev.steps, ev.eval_loss,
+                                            stop.reason if stop is not None else ev.reason)
+                elif isinstance(ev, PackRetried):
+                    pack_trials[ev.pack_id] = ev.trial_ids
+                    tag = RESTARTS_TAG if ev.cause == "worker_lost" else OOM_SPLITS_TAG
+                    for tid in ev.trial_ids:
+                        tracker.count(tid, tag)
+                    why = "worker lost" if ev.cause == "worker_lost" else "out of memory, split"
+                    console.print(f"{ev.from_pack}: {why} ({ev.reason}); "
+                                  f"{len(ev.trial_ids)} trial(s) go again from their checkpoints "
+                                  f"as {ev.pack_id}")
                 elif isinstance(ev, PackOutcome):
+                    if search is not None:
+                        search.on_outcome(ev, faults.get("max_retries", 0))
                     for result in ev.results:
                         if result.trial_id not in announced:
                             console.trial_ended(result.trial_id, result.status, result.steps,
                                                 result.eval_loss, result.reason)
                         trial = by_id[result.trial_id]
+                        stop = search.stop_of(trial.trial_id) if search is not None else None
                         rows[trial.trial_id] = _record(
-                            trial, result, ev, tracker, out_dir / folders[trial.trial_id])
+                            trial, result, ev, tracker, out_dir / folders[trial.trial_id], stop)
             tracker.flush()
     return [rows[t.trial_id] for t in trials if t.trial_id in rows]
 
 
 def _record(trial: Trial, result: TrialResult, outcome: PackOutcome, tracker: Tracker,
-            folder: Path) -> dict:
-    """Save a trial's adapter locally, end its run in MLflow, and return its summary row."""
+            folder: Path, stop=None) -> dict:
+    """Save a trial's adapter locally, end its run in MLflow, and return its summary row.
+
+    `stop` (an `orchestrator.asha.Stop`) says at which rung and why the search stopped it.
+    """
     adapter_dir = None
     if result.adapter:
         # The local copy is promised to users; MLflow gets the same files from it.
@@ -136,6 +305,9 @@ def _record(trial: Trial, result: TrialResult, outcome: PackOutcome, tracker: Tr
         tags[NODE_TAG] = placement.node_id
         if placement.cuda_visible_devices is not None:
             tags[DEVICES_TAG] = placement.cuda_visible_devices
+    if stop is not None and result.status == "stopped":
+        tags.update({STOPPED_AT_RUNG_TAG: str(stop.rung), STOPPED_AT_STEP_TAG: str(stop.step),
+                     STOP_REASON_TAG: stop.reason})
     tracker.end_trial(result, adapter_dir, tags)
     return {
         "trial_id": trial.trial_id,
@@ -154,17 +326,57 @@ def _record(trial: Trial, result: TrialResult, outcome: PackOutcome, tracker: Tr
         "pack_started": outcome.started,
         "pack_ended": outcome.ended,
         "placement": asdict(placement) if placement is not None else None,
+        "stopped_at_rung": stop.rung if stop is not None else None,
+        "stop_reason": stop.reason if stop is not None else None,
+        "dispatched": True,
+        **_counters(tracker, trial.trial_id),
     }
 
 
+def _with_finished(rows: list[dict], trials: list[Trial], finished_runs: dict,
+                   out_dir: Path) -> list[dict]:
+    """`rows` plus a row for each trial an earlier driver finished (read back from its run),
+    in the trials' order."""
+    if not finished_runs:
+        return rows
+    by_id = {r["trial_id"]: r for r in rows}
+    folders = _folder_names(trials)
+    for trial in trials:
+        run = finished_runs.get(trial.trial_id)
+        if run is None or trial.trial_id in by_id:
+            continue
+        tags, adapter_dir = run.data.tags, out_dir / folders[trial.trial_id] / "adapter"
+        by_id[trial.trial_id] = {
+            "trial_id": trial.trial_id, "name": trial.name, "params": trial.params,
+            "lora_r": trial.spec.r, "lora_alpha": trial.spec.alpha,
+            "learning_rate": trial.spec.learning_rate,
+            "status": tags.get(STATUS_TAG, "finished"),
+            "steps": int(tags[STEPS_TAG]) if STEPS_TAG in tags else None,
+            "eval_loss": run.data.metrics.get(EVAL_LOSS), "reason": None,
+            "run_id": run.info.run_id,
+            "adapter_dir": str(adapter_dir) if adapter_dir.is_dir() else None,
+            "pack_id": tags.get(PACK_TAG), "pack_started": None, "pack_ended": None,
+            "placement": None, "dispatched": False,
+            "restarts": int(tags.get(RESTARTS_TAG, 0)),
+            "oom_splits": int(tags.get(OOM_SPLITS_TAG, 0)),
+        }
+    return [by_id[t.trial_id] for t in trials if t.trial_id in by_id]
+
+
+def _counters(tracker: Tracker, trial_id: str) -> dict[str, int]:
+    counts = tracker.counts(trial_id)
+    return {"restarts": counts[RESTARTS_TAG], "oom_splits": counts[OOM_SPLITS_TAG]}
+
+
 def _write_summary(path: Path, config: Config, tracker: Tracker, rows: list[dict],
-                   exit_code: int) -> None:
+                   exit_code: int, extra: dict | None = None) -> None:
     summary = {
         "sweep": config.sweep.name,
         "exit_code": exit_code,
         "experiment": tracker.experiment_name,
         "tracking_uri": tracker.uri,
         "parent_run_id": tracker.parent_run_id,
+        **(extra or {}),
         "trials": rows,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +400,12 @@ def _folder_names(trials: list[Trial]) -> dict[str, str]:
     names = [_safe(t.name or t.trial_id) for t in trials]
     return {t.trial_id: (n if names.count(n) == 1 else f"{n}-{t.trial_id}")
             for t, n in zip(trials, names, strict=True)}
+
+
+def _folder_for(trial: Trial, folders: dict[str, str]) -> str:
+    """A folder name for a trial proposed during the sweep, unlike those taken already."""
+    name = _safe(trial.name or trial.trial_id)
+    return name if name not in folders.values() else f"{name}-{trial.trial_id}"
 
 
 def _safe(name: str) -> str:

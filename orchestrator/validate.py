@@ -31,7 +31,10 @@ from qlora.config import (
 from .errors import ConfigError
 from .schema import Config, SweepDef
 
-STRATEGIES = ("grid", "random")
+STRATEGIES = ("grid", "random", "optuna")
+SCHEDULERS = ("none", "asha")
+#: Strategies that draw trials, and so take ranges {low, high} and need `sweep.num_trials`.
+DRAWING = ("random", "optuna")
 #: Per-trial keys that stay out of sweeps: they shape the shared base, not one adapter.
 BASE_ONLY_TRAIN_KEYS = ("gradient_checkpointing", "activation_offload")
 #: train.* keys that hold for the whole sweep: how often trials are checkpointed, fault injection.
@@ -108,9 +111,20 @@ RULES: dict[str, Rule] = {
         "a folder path (shared by every node on a cluster) or null (<output_dir>/<sweep>/checkpoints)"),
     "tracking.experiment": _nonempty(),
     "tracking.artifact_location": _nonempty(),
+    "tracking.register_as": Rule("a model name of letters, digits, '_', '-' and '.', or null",
+                                 lambda v: v is None or bool(_NAME.match(v))),
     "sweep.name": Rule("a name of letters, digits, '_', '-' and '.'", lambda v: bool(_NAME.match(v))),
     "sweep.strategy": _choice(STRATEGIES),
     "sweep.num_trials": Rule("an integer >= 1 or null", lambda v: v is None or v >= 1),
+    "sweep.scheduler": _choice(SCHEDULERS),
+    "sweep.asha.rungs": Rule(
+        "a non-empty increasing list of fractions of train.max_steps in (0, 1), e.g. [0.25, 0.5]",
+        lambda v: bool(v) and all(0 < x < 1 for x in v)
+        and all(a < b for a, b in zip(v, v[1:], strict=False))),
+    "sweep.asha.eta": Rule("a number > 1 (past each rung the best 1/eta continue)", lambda v: v > 1),
+    "sweep.optuna.startup_trials": Rule("an integer >= 0", lambda v: v >= 0),
+    "sweep.optuna.batch_size": Rule("an integer >= 1 or null (every adapter slot)",
+                                    lambda v: v is None or v >= 1),
     "seed": Rule("an integer >= 0", lambda v: v >= 0),
     "output_dir": _nonempty("a folder path"),
 }
@@ -127,8 +141,9 @@ def validate(cfg: Any) -> Config:
     config = _build(Config, data, "")
     _check_tracking_uri(config.tracking.uri)
     config.sweep.params = sweep_params(config.sweep)
-    if config.sweep.strategy == "random" and config.sweep.num_trials is None:
-        raise ConfigError("sweep.num_trials", "must be an integer >= 1 for strategy random, got null")
+    if config.sweep.strategy in DRAWING and config.sweep.num_trials is None:
+        raise ConfigError("sweep.num_trials", f"must be an integer >= 1 for strategy "
+                                              f"{config.sweep.strategy}, got null")
     return config
 
 
@@ -189,16 +204,17 @@ def sweep_params(sweep: SweepDef) -> dict[str, Any]:
                 label, f"not a per-trial key{hint}; a sweep may vary: {', '.join(allowed)}"
             )
         if isinstance(spec, Mapping):
-            if sweep.strategy != "random":
+            if sweep.strategy not in DRAWING:
                 raise ConfigError(
-                    label, "a range {low, high} needs strategy random; a grid takes a list of values"
+                    label, "a range {low, high} needs strategy random or optuna; a grid takes a "
+                           "list of values"
                 )
             out[key] = _range(key, label, spec)
         elif isinstance(spec, list | tuple) and len(spec) > 0:
             out[key] = [check_value(key, v, label) for v in spec]
         else:
             shape = "a non-empty list of values"
-            if sweep.strategy == "random":
+            if sweep.strategy in DRAWING:
                 shape += " or a range {low, high, log, type}"
             raise ConfigError(label, f"must be {shape}, got {_show(spec)}")
     return out

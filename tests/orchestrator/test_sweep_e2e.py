@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -40,17 +39,6 @@ from orchestrator.tracking import (
 
 MAX_STEPS = 6
 GOOD_ALPHA, BAD_ALPHA = 16.0, 1e30
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole test session; `run_sweep` reuses it and leaves it running."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 def _config(root: Path, max_adapters: int, num_workers: int | None) -> Config:

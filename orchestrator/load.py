@@ -1,0 +1,184 @@
+"""Load a trained adapter from MLflow as a `PeftModel` on the right base, quantized the right way.
+
+    from orchestrator.load import load_adapter, generate
+    loaded = load_adapter("models:/best@champion", tracking_uri="sqlite:///mlflow.db")
+    print(generate(loaded, "### Instruction:\\nReverse the string.\\n\\n### Input:\\nabc\\n\\n"
+                           "### Response:\\n"))
+
+    python -m orchestrator.load models:/best@champion --instruction "Reverse the string." --input abc
+    python -m orchestrator.load RUN_ID --prompt "### Instruction:..." --max-new-tokens 16
+
+A reference is `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID[/adapter]` or a bare
+run id. The base and its quantization come from the model version's lineage tags
+(`orchestrator.registry`), or for a run from its params; they go through `qlora.load_base`, the
+project's one way of building a base, and the adapter's files through
+`peft.PeftModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .registry import BASE_PARAMS
+from .tracking import ADAPTER_DIR, LINEAGE_PREFIX
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class LoadError(LookupError):
+    """The reference names nothing loadable."""
+
+
+@dataclass
+class LoadedAdapter:
+    """A PEFT model ready to generate, and where it came from."""
+
+    model: object  # peft.PeftModel over base.model
+    tokenizer: object
+    base: object  # qlora.Base
+    run_id: str
+    adapter_dir: Path
+    lineage: dict[str, str]  # base_model, quant_type, ... (the tag names without `qlora.`)
+    version: object | None = None  # mlflow ModelVersion, for a models:/ reference
+
+
+def resolve(client, ref: str) -> tuple[str, str, dict[str, str], object | None]:
+    """(run_id, adapter source URI, lineage, ModelVersion or None) of a reference."""
+    if ref.startswith("models:/"):
+        body = ref[len("models:/"):]
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        elif "/" in body:
+            name, number = body.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+        else:
+            raise LoadError(f"{ref}: write models:/NAME@ALIAS or models:/NAME/VERSION")
+        tags = {k[len(LINEAGE_PREFIX):]: v for k, v in version.tags.items()
+                if k.startswith(LINEAGE_PREFIX)}
+        return version.run_id, version.source, tags, version
+    run_id = ref
+    if ref.startswith("runs:/"):
+        run_id = ref[len("runs:/"):].split("/", 1)[0]
+    if not _RUN_ID.match(run_id):
+        raise LoadError(f"{ref}: not models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or "
+                        "a run id")
+    run = client.get_run(run_id)
+    tags = {tag: run.data.params[param] for param, tag in BASE_PARAMS.items()
+            if param in run.data.params}
+    source = f"{run.info.artifact_uri.rstrip('/')}/{ADAPTER_DIR}"
+    return run_id, source, tags, None
+
+
+def base_spec(lineage: dict[str, str]):
+    """The `BaseSpec` an adapter was trained on, for inference (no gradient checkpointing)."""
+    from qlora import BaseSpec
+
+    def text(key, default=None):
+        value = lineage.get(key, default)
+        return None if value in (None, "None", "null", "") else value
+
+    return BaseSpec(
+        name_or_path=text("base_model", "tiny"),
+        revision=text("base_revision"),
+        trust_remote_code=str(lineage.get("base_trust_remote_code", "False")).lower() == "true",
+        quant_type=text("quant_type", "nf4"),
+        double_quant=str(lineage.get("quant_double_quant", "True")).lower() == "true",
+        compute_dtype=text("quant_compute_dtype", "bfloat16"),
+        gradient_checkpointing=False,
+    )
+
+
+def load_adapter(ref: str, tracking_uri: str | None = None, *, device: str | None = None,
+                 dst: str | Path | None = None) -> LoadedAdapter:
+    """The adapter `ref` as a `PeftModel` in eval mode on its base (see the module's docstring).
+
+    Artifacts are downloaded into `dst` (default: a new temporary folder).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from peft import PeftModel
+
+    from qlora import load_base
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_id, source, lineage, version = resolve(client, ref)
+    dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="qlora-adapter-"))
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                                      tracking_uri=tracking_uri))
+    if not (folder / "adapter_config.json").is_file():
+        raise LoadError(f"{ref}: {source} holds no adapter_config.json")
+    base = load_base(base_spec(lineage), device)
+    base.model.config.use_cache = True  # generation, not training
+    with warnings.catch_warnings():  # PEFT asks transformers 5 a deprecated question
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        model = PeftModel.from_pretrained(base.model, str(folder)).eval()
+    return LoadedAdapter(model, base.tokenizer, base, run_id, folder, lineage, version)
+
+
+def generate(loaded: LoadedAdapter, prompt: str, max_new_tokens: int = 32) -> str:
+    """Greedy continuation of `prompt` (the new text only)."""
+    import torch
+
+    tok = loaded.tokenizer
+    inputs = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    inputs = {k: v.to(loaded.base.device) for k, v in inputs.items()}
+    with torch.no_grad():
+        out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """The prompt the bundled (alpaca-style) data trains on, for `--instruction`."""
+    from qlora.formats import render
+
+    return render({"instruction": instruction, "input": input_text, "output": ""}, "alpaca",
+                  None)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m orchestrator.load REF --prompt TEXT`: load, generate, print the new text."""
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator.load",
+        description="Load an adapter from MLflow (models:/NAME@champion, models:/NAME/VERSION, "
+                    "runs:/RUN_ID or a run id) on its base and generate from a prompt.")
+    parser.add_argument("ref", help="e.g. models:/best@champion")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the raw prompt text")
+    what.add_argument("--instruction", help="an instruction, in the bundled data's alpaca prompt")
+    parser.add_argument("--input", default="", help="the instruction's input (with --instruction)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow.exceptions import MlflowException
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stdout carries the generated text only
+    prompt = args.prompt if args.prompt is not None else alpaca_prompt(args.instruction, args.input)
+    try:
+        loaded = load_adapter(args.ref, args.tracking_uri, device=args.device)
+    except (LoadError, MlflowException) as e:
+        print(f"error: {args.ref}: {str(e).splitlines()[0]} (at {args.tracking_uri})",
+              file=sys.stderr)
+        return 2
+    where = f"run {loaded.run_id}"
+    if loaded.version is not None:
+        where = f"{loaded.version.name} version {loaded.version.version} ({where})"
+    print(f"# {where} on {loaded.lineage.get('base_model', '?')} "
+          f"({loaded.lineage.get('quant_type', '?')})", file=sys.stderr)
+    print(generate(loaded, prompt, args.max_new_tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
