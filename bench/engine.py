@@ -87,23 +87,20 @@ def case_sequential(args: dict) -> dict:
     return {"wall_s": time.perf_counter() - t0, "peak_bytes": _peak_bytes()}
 
 
-def case_recipe(args: dict) -> dict:
-    """The standard QLoRA recipe with transformers + peft + bitsandbytes, one adapter."""
+def standard_recipe(path: str, dtype_name: str, r: int, alpha: float, lr: float):
+    """The QLoRA paper's recipe with transformers + peft + bitsandbytes: nf4 + double quant,
+    `prepare_model_for_kbit_training`, `get_peft_model` on all linears, paged AdamW 32-bit,
+    gradient checkpointing. Returns (model, trainable params, optimizer)."""
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora.base import DTYPES, resolve_source
-    from qlora.data import load_data
-    from qlora.stream import TrialStream, collate
+    from qlora.base import DTYPES
 
-    spec, trials = _setup(args)
-    trial = trials[0]
-    dtype = DTYPES[spec.compute_dtype]
-    t0 = time.perf_counter()
+    dtype = DTYPES[dtype_name]
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_source(spec), dtype=dtype, attn_implementation="sdpa",
+        path, dtype=dtype, attn_implementation="sdpa",
         quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype),
@@ -111,15 +108,29 @@ def case_recipe(args: dict) -> dict:
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=trial.r, lora_alpha=trial.alpha, lora_dropout=0.05,
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, bnb.optim.PagedAdamW32bit(params, lr=lr, weight_decay=0.0)
+
+
+def case_recipe(args: dict) -> dict:
+    """The standard QLoRA recipe (`standard_recipe`), one adapter, timed like `case_engine_one`."""
+    import torch
     from transformers import AutoTokenizer
 
+    from qlora.base import resolve_source
+    from qlora.data import load_data
+    from qlora.stream import TrialStream, collate
+
+    spec, trials = _setup(args)
+    trial = trials[0]
+    t0 = time.perf_counter()
+    model, params, opt = standard_recipe(resolve_source(spec), spec.compute_dtype, trial.r,
+                                         trial.alpha, trial.learning_rate)
     tok = AutoTokenizer.from_pretrained(resolve_source(spec))
     data = load_data(trial.data, tok)
     stream = TrialStream(len(data.train), trial.micro_batch_size, trial.seed)
-    opt = bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad],
-                                    lr=trial.learning_rate, weight_decay=0.0)
     device = next(model.parameters()).device
     model.train()
     t_train = time.perf_counter()
@@ -129,7 +140,7 @@ def case_recipe(args: dict) -> dict:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     labels=batch.labels)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     if torch.cuda.is_available():
@@ -153,9 +164,8 @@ def case_engine_one(args: dict) -> dict:
                on_metrics=lambda t, s, m: "train_loss" in m and marks.append(time.perf_counter()) and None)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    steps = [m for m in marks]
     # The first on_metrics call comes after step 1; time steps 2..N to leave data loading out.
-    step_s = (steps[-1] - steps[0]) / max(1, len(steps) - 1)
+    step_s = (marks[-1] - marks[0]) / max(1, len(marks) - 1)
     return {"wall_s": time.perf_counter() - t0, "peak_bytes": _peak_bytes(), "step_s": step_s}
 
 

@@ -136,30 +136,14 @@ def _recipe(path: str, seq: int, mb: int, steps: int, runs: int, dtype: str) -> 
     """The standard QLoRA recipe, `runs` times one after another, each loading its own base."""
     import gc
 
-    import bitsandbytes as bnb
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora.base import DTYPES
+    from .engine import standard_recipe
 
     cuda = torch.cuda.is_available()
     step_times = []
     for run in range(runs):
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], attn_implementation="sdpa",
-            quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=DTYPES[dtype]),
-            device_map={"": 0} if cuda else {"": "cpu"})
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=True,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                                 target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = bnb.optim.PagedAdamW32bit(params, lr=1e-4, weight_decay=0.0)
+        model, params, opt = standard_recipe(path, dtype, r=16, alpha=32.0, lr=1e-4)
         device = next(model.parameters()).device
         gen = torch.Generator().manual_seed(run)
         model.train()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import save as save_safetensors
 
-from .adapters import adapter_state
+from .adapters import adapter_layers, adapter_state
 from .base import Base
 from .config import TrialSpec
 
@@ -30,8 +30,7 @@ def lora_config(base: Base, slot: str, spec: TrialSpec):
     """The `peft.LoraConfig` describing adapter `slot` (target modules as concrete names)."""
     from peft import LoraConfig
 
-    paths = [k[: -len(".lora_A.weight")] for k in adapter_state(base, slot) if "lora_A" in k]
-    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    names = sorted({path.rsplit(".", 1)[-1] for path in adapter_layers(base, slot)})
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,

@@ -63,7 +63,7 @@ def model_shapes(source: str, trust_remote_code: bool = False) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     head = model.get_output_embeddings()
-    linears, other = {}, 0
+    linears = {}
     for path, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
             linears[path] = (module.in_features, module.out_features)

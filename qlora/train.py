@@ -267,17 +267,25 @@ def _segment_losses(base: Base, batch) -> list[torch.Tensor]:
     """Each segment's mean token loss; logits are formed one segment at a time to bound memory."""
     model = base.model
     hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state
-    head = model.get_output_embeddings()
     losses = []
     for start, end in batch.bounds:
-        labels = batch.labels[start:end, 1:]
-        h = hidden[start:end, :-1]
-        logits = head(h.to(head.weight.dtype)).float()
-        n_tokens = (labels != IGNORE).sum().clamp(min=1)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum") / n_tokens
-        losses.append(loss)
+        total, n_tokens = _token_loss(model, hidden, batch.labels, start, end)
+        losses.append(total / max(1, n_tokens))
     return losses
+
+
+def _token_loss(model, hidden: torch.Tensor, labels: torch.Tensor, start: int,
+                end: int) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss of rows [start, end) and how many tokens it covers.
+
+    Logits are formed for these rows only, so at most one segment's logits exist at a time.
+    """
+    head = model.get_output_embeddings()
+    targets = labels[start:end, 1:]
+    logits = head(hidden[start:end, :-1].to(head.weight.dtype)).float()
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                            ignore_index=IGNORE, reduction="sum")
+    return total, int((targets != IGNORE).sum())
 
 
 def _drop_grads(slot: _Slot) -> None:
@@ -348,13 +356,10 @@ def evaluate(base: Base, parts: list[tuple[str, list]]) -> list[float]:
         routing.segments = [Segment(key, a, b) for (_, key, _), (a, b)
                             in zip(chunk, batch.bounds, strict=True)]
         hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state
-        head = model.get_output_embeddings()
         for (i, _, _), (start, end) in zip(chunk, batch.bounds, strict=True):
-            labels = batch.labels[start:end, 1:]
-            logits = head(hidden[start:end, :-1].to(head.weight.dtype)).float()
-            sums[i] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=IGNORE, reduction="sum").item()
-            counts[i] += int((labels != IGNORE).sum())
+            total, n_tokens = _token_loss(model, hidden, batch.labels, start, end)
+            sums[i] += total.item()
+            counts[i] += n_tokens
     routing.segments = []
     return [s / max(1, c) for s, c in zip(sums, counts, strict=True)]
 

@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 
 import pytest
+from tiny_sweeps import SweepRun
+from tiny_sweeps import run as run_tiny
 
 from orchestrator.schema import (
     ClusterCfg,
@@ -33,7 +35,6 @@ from orchestrator.tracking import (
     PARENT_TAG,
     ROLE_TAG,
     TRAIN_LOSS,
-    TRIAL_ID_TAG,
     Tracker,
 )
 
@@ -55,31 +56,13 @@ def _config(root: Path, max_adapters: int, num_workers: int | None) -> Config:
     )
 
 
-@dataclasses.dataclass
-class SweepRun:
-    exit_code: int
-    root: Path
-    config: Config
-    client: object  # MlflowClient
-    parent: object  # mlflow Run
-    children: dict  # trial_id -> mlflow Run
-
-
 def _run(root: Path, max_adapters: int, num_workers: int | None) -> SweepRun:
-    from mlflow import MlflowClient
-
-    from orchestrator.sweep import run_sweep
-
-    config = _config(root, max_adapters, num_workers)
-    exit_code = run_sweep(config)
-    client = MlflowClient(config.tracking.uri)
-    exp = client.get_experiment_by_name(config.tracking.experiment)
-    runs = client.search_runs([exp.experiment_id])
+    result = run_tiny(root, _config(root, max_adapters, num_workers))
+    runs = result.client.search_runs([result.parent.info.experiment_id])
     parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]
     assert len(parents) == 1
-    children = {r.data.tags[TRIAL_ID_TAG]: r for r in runs if r.data.tags.get(ROLE_TAG) == "trial"}
-    assert len(children) == len(runs) - 1
-    return SweepRun(exit_code, root, config, client, parents[0], children)
+    assert len(result.children) == len(runs) - 1
+    return result
 
 
 @pytest.fixture(scope="module")
