@@ -88,6 +88,7 @@ def load_base(spec: BaseSpec, device: str | torch.device | None = None) -> Base:
         p.requires_grad_(False)
     if qconfig is not None:
         _upcast_unquantized(model)
+        _keep_cpu_layout(model)
     _set_checkpointing(model, spec.gradient_checkpointing,
                        spec.activation_offload and device.type == "cuda")
     model.eval()  # the base has no dropout of its own to train; adapters handle theirs
@@ -100,6 +101,20 @@ def _upcast_unquantized(model: torch.nn.Module) -> None:
     for param in model.parameters():
         if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
             param.data = param.data.to(torch.float32)
+
+
+def _keep_cpu_layout(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit weights in their training layout on CPUs with AVX512-BF16.
+
+    On such CPUs a `Linear4bit` that sees a no-grad input in eval mode (an evaluation, or the
+    first block of a pass without checkpointing) repacks its weight for a fused inference kernel,
+    for good: from then on every matmul of that layer runs in bf16, whatever the compute dtype,
+    and through an op with no autograd formula. A trial's numbers would then depend on whether
+    something had evaluated before it, and gradients through the base would be wrong.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _set_checkpointing(model: torch.nn.Module, on: bool, offload: bool = False) -> None:
