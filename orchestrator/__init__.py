@@ -6,8 +6,8 @@
     python -m orchestrator.load models:/best@champion --prompt TEXT   # the best adapter, generating
     python -m orchestrator.report --sweep asha        # a past sweep's plots, rebuilt from MLflow
 
-    from orchestrator.validate import validate        # composed config -> typed schema.Config
-    from orchestrator.search import expand            # Config -> [Trial] (grid, random, optuna's 1st)
+    from orchestrator.config.validate import validate        # composed config -> typed schema.Config
+    from orchestrator.search.expand import expand     # Config -> [Trial] (grid, random, optuna's 1st)
     from orchestrator.sweep import run_sweep          # Config -> exit status (0 ok, 1 a trial failed)
     from orchestrator.load import load_adapter        # models:/NAME@champion -> PeftModel on its base
 

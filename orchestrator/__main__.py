@@ -14,9 +14,9 @@ from __future__ import annotations
 import sys
 from typing import Any, NoReturn
 
-from .configs import CONFIG_NAME, compose, config_dir
-from .errors import ConfigError
-from .schema import Config
+from orchestrator.config.compose import CONFIG_NAME, compose, config_dir
+from orchestrator.config.errors import ConfigError
+from orchestrator.config.schema import Config
 
 
 class _State:
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
 def check(overrides: list[str]) -> Config:
     """The validated config of `overrides` after the preflight checks, or `ConfigError`."""
-    from .preflight import preflight
-    from .validate import validate
+    from orchestrator.config.preflight import preflight
+    from orchestrator.config.validate import validate
 
     config = validate(compose(overrides))
     preflight(config)
@@ -62,8 +62,8 @@ def _run_hydra(args: list[str]) -> None:
 
 def _task(cfg: Any) -> int:
     """One Hydra job: validate (cheap), check once, then run the sweep and record its status."""
-    from .preflight import preflight
-    from .validate import validate
+    from orchestrator.config.preflight import preflight
+    from orchestrator.config.validate import validate
 
     try:
         config = validate(cfg)
@@ -75,7 +75,7 @@ def _task(cfg: Any) -> int:
         print(_dry_run(config))
         _State.codes.append(0)
         return 0
-    from orchestrator.sweep import run_sweep  # Ray and MLflow: imported only to run
+    from orchestrator.sweep import run_sweep
 
     try:
         code = int(run_sweep(config))
@@ -86,7 +86,7 @@ def _task(cfg: Any) -> int:
 
 
 def _dry_run(config: Config) -> str:
-    from .search import expand, format_trials
+    from orchestrator.search.expand import expand, format_trials
 
     trials = expand(config)
     note = ""

@@ -18,8 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from orchestrator.cluster import Placement
-    from orchestrator.search import Trial
+    from orchestrator.cluster.events import Placement
+    from orchestrator.search.trials import Trial
 
 PLAIN_WIDTH = 120  # rich's 80-column default for non-terminals wraps the leaderboard
 LINES_PER_TRIAL = 5  # plain mode: progress lines per trial, besides evaluations and the end

@@ -19,8 +19,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .schema import Config
-from .tracking import BEST_RUN_TAG, BEST_TRIAL_TAG, CHAMPION_ALIAS, REGISTERED_TAG, Tracker
+from orchestrator.config.schema import Config
+from orchestrator.tracking.keys import BEST_RUN_TAG, BEST_TRIAL_TAG, CHAMPION_ALIAS, REGISTERED_TAG
+from orchestrator.tracking.tracker import Tracker
 
 
 @dataclass
@@ -93,7 +94,7 @@ def _log_figures(tracker: Tracker, fig: dict) -> None:
 
 
 def _register(config: Config, tracker: Tracker, best: dict, done: Finish) -> None:
-    from .registry import register_best
+    from orchestrator.tracking.registry import register_best
 
     name = config.tracking.register_as
     version = register_best(tracker.client, name, best, sweep=config.sweep.name,
@@ -108,7 +109,7 @@ def _register(config: Config, tracker: Tracker, best: dict, done: Finish) -> Non
 
 
 def _report(tracker: Tracker, out_dir: Path, done: Finish) -> None:
-    from .report import report_for
+    from orchestrator.report import report_for
 
     parent = tracker.client.get_run(tracker.parent_run_id)
     paths = report_for(tracker.client, parent, out_dir, log=True)

@@ -10,7 +10,7 @@
 
 A reference is `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID[/adapter]` or a bare
 run id. The base and its quantization come from the model version's lineage tags
-(`orchestrator.registry`), or for a run from its params; they go through `qlora.load_base`, the
+(`orchestrator.tracking.registry`), or for a run from its params; they go through `qlora.load_base`, the
 project's one way of building a base, and the adapter's files through
 `peft.PeftModel.from_pretrained`.
 """
@@ -26,8 +26,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .registry import BASE_PARAMS
-from .tracking import ADAPTER_DIR, LINEAGE_PREFIX
+from orchestrator.tracking.keys import ADAPTER_DIR, LINEAGE_PREFIX
+from orchestrator.tracking.registry import BASE_PARAMS
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 

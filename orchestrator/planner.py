@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from qlora.config import BaseSpec, stable_hash
 
 if TYPE_CHECKING:
-    from orchestrator.search import Trial
+    from orchestrator.search.trials import Trial
 
 
 @dataclass

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .tracking import (
+from orchestrator.tracking.keys import (
     EVAL_LOSS,
     PARENT_TAG,
     REPORT_DIR,

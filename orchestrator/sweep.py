@@ -2,7 +2,7 @@
 
 In the order it runs:
 
-1. **Expand** the sweep into trials (`orchestrator.search`), each with a stable id.
+1. **Expand** the sweep into trials (`orchestrator.search.expand`), each with a stable id.
 2. **Open the ledger** (`Tracker`): the experiment, the parent run, one child run per trial.
    A store that cannot be opened is a config error (exit 2) found before Ray starts.
 3. **Connect** to Ray (`cluster.connect`) and **plan** packs for that many workers.
@@ -17,7 +17,7 @@ and the workers are torn down; Ray is shut down only if this sweep started it.
 
 Faults and resume. Each trial checkpoints under `<cluster.checkpoint_dir>/<parent run id>/<trial>/`
 every `train.checkpoint_every` steps and when it ends. A lost worker's trials and an out-of-memory
-pack's halves go again from there (`orchestrator.cluster`). After a lost driver (or Ctrl-C, which
+pack's halves go again from there (`orchestrator.cluster.faults`). After a lost driver (or Ctrl-C, which
 ends the runs KILLED and prints the command), `resume=true` continues the latest unfinished sweep
 of the same name: trials whose runs are FINISHED are not run again, the others continue from their
 checkpoints in their own runs. A second Ctrl-C exits at once.
@@ -26,55 +26,48 @@ checkpoints in their own runs. A second Ctrl-C exits at once.
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import re
 import shlex
 import shutil
 import signal
 import sys
 import threading
-from dataclasses import asdict
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from orchestrator.cluster import (
+from orchestrator.cluster.connect import connect, disconnect
+from orchestrator.cluster.dispatch import dispatch
+from orchestrator.cluster.events import (
     MetricsEvent,
     PackOutcome,
     PackRetried,
     PackStarted,
-    Placement,
     TrialEnded,
-    connect,
-    disconnect,
-    dispatch,
 )
+from orchestrator.config.errors import ConfigError
+from orchestrator.config.schema import Config
 from orchestrator.console import Console
-from orchestrator.errors import ConfigError
 from orchestrator.finish import finish_sweep
 from orchestrator.planner import Pack
-from orchestrator.schema import Config
-from orchestrator.search import Trial, expand
-from orchestrator.search_run import SearchRun
-from orchestrator.tracking import (
+from orchestrator.search.expand import expand
+from orchestrator.search.run import SearchRun
+from orchestrator.search.trials import Trial
+from orchestrator.summary import (
+    folder_for,
+    folder_names,
+    record_trial,
+    safe_name,
+    with_finished,
+    write_summary,
+)
+from orchestrator.tracking.keys import (
     CHECKPOINT_DIR_TAG,
-    DEVICES_TAG,
-    EVAL_LOSS,
-    NODE_TAG,
     OOM_SPLITS_TAG,
-    PACK_TAG,
     RESTARTS_TAG,
-    STATUS_TAG,
-    STEPS_TAG,
-    STOP_REASON_TAG,
-    STOPPED_AT_RUNG_TAG,
-    STOPPED_AT_STEP_TAG,
-    Tracker,
     is_success,
 )
-from qlora import TrialResult, write_adapter
+from orchestrator.tracking.tracker import Tracker
 
 SUMMARY_FILE = "summary.json"
 INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C
@@ -95,7 +88,7 @@ def run_sweep(config: Config) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out_dir = Path(config.output_dir) / _safe(config.sweep.name)
+    out_dir = Path(config.output_dir) / safe_name(config.sweep.name)
     try:  # the search's trials (Optuna proposes its first round here) and its coordinator
         search = SearchRun(config, trials, workers)
     except BaseException:
@@ -126,7 +119,7 @@ def run_sweep(config: Config) -> int:
                                 search=search, checkpoint_dir=str(checkpoints),
                                 checkpoint_every=config.train.checkpoint_every,
                                 max_retries=config.cluster.max_retries)
-                    rows = _with_finished(rows, trials, finished_runs, out_dir)
+                    rows = with_finished(rows, trials, finished_runs, out_dir)
                     done = {r["trial_id"] for r in rows}
                     failed = [r["trial_id"] for r in rows if not is_success(r["status"])]
                     failed += [t.trial_id for t in trials if t.trial_id not in done]  # never reported
@@ -147,7 +140,7 @@ def run_sweep(config: Config) -> int:
     for line in finished.lines:  # the search's figures, the registered adapter, the report
         console.print(line)
     exit_code = 1 if failed else 0
-    _write_summary(out_dir / SUMMARY_FILE, config, tracker, rows, exit_code, extra={
+    write_summary(out_dir / SUMMARY_FILE, config, tracker, rows, exit_code, extra={
         "resumed": previous is not None,
         "trials_dispatched": sum(len(p.trials) for p in packs),
         "trials_already_finished": len(finished_runs),
@@ -235,7 +228,7 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
     stop trials early, backfill slots and add trials (Optuna) as the sweep goes.
     """
     by_id = {t.trial_id: t for t in trials}
-    folders = _folder_names(trials)
+    folders = folder_names(trials)
     pack_trials = {p.pack_id: [t.trial_id for t in p.trials] for p in packs}
     announced: set[str] = set()  # trials whose end the console has shown
     rows: dict[str, dict] = {}
@@ -246,7 +239,7 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
                 new_trials, new_packs = search.take_new()
                 for trial in new_trials:
                     by_id[trial.trial_id] = trial
-                    folders[trial.trial_id] = _folder_for(trial, folders)
+                    folders[trial.trial_id] = folder_for(trial, folders)
                     tracker.add_trial(trial)
                     console.add_trial(trial)
                 pack_trials.update(new_packs)
@@ -283,130 +276,7 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
                                                 result.eval_loss, result.reason)
                         trial = by_id[result.trial_id]
                         stop = search.stop_of(trial.trial_id) if search is not None else None
-                        rows[trial.trial_id] = _record(
+                        rows[trial.trial_id] = record_trial(
                             trial, result, ev, tracker, out_dir / folders[trial.trial_id], stop)
             tracker.flush()
     return [rows[t.trial_id] for t in trials if t.trial_id in rows]
-
-
-def _record(trial: Trial, result: TrialResult, outcome: PackOutcome, tracker: Tracker,
-            folder: Path, stop=None) -> dict:
-    """Save a trial's adapter locally, end its run in MLflow, and return its summary row.
-
-    `stop` (an `orchestrator.asha.Stop`) says at which rung and why the search stopped it.
-    """
-    adapter_dir = None
-    if result.adapter:
-        # The local copy is promised to users; MLflow gets the same files from it.
-        adapter_dir = write_adapter(result.adapter, folder / "adapter")
-    placement: Placement | None = outcome.placement
-    tags = {PACK_TAG: outcome.pack_id}
-    if placement is not None:
-        tags[NODE_TAG] = placement.node_id
-        if placement.cuda_visible_devices is not None:
-            tags[DEVICES_TAG] = placement.cuda_visible_devices
-    if stop is not None and result.status == "stopped":
-        tags.update({STOPPED_AT_RUNG_TAG: str(stop.rung), STOPPED_AT_STEP_TAG: str(stop.step),
-                     STOP_REASON_TAG: stop.reason})
-    tracker.end_trial(result, adapter_dir, tags)
-    return {
-        "trial_id": trial.trial_id,
-        "name": trial.name,
-        "params": trial.params,
-        "lora_r": trial.spec.r,
-        "lora_alpha": trial.spec.alpha,
-        "learning_rate": trial.spec.learning_rate,
-        "status": result.status,
-        "steps": result.steps,
-        "eval_loss": result.eval_loss,
-        "reason": result.reason,
-        "run_id": tracker.run_ids[trial.trial_id],
-        "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
-        "pack_id": outcome.pack_id,
-        "pack_started": outcome.started,
-        "pack_ended": outcome.ended,
-        "placement": asdict(placement) if placement is not None else None,
-        "stopped_at_rung": stop.rung if stop is not None else None,
-        "stop_reason": stop.reason if stop is not None else None,
-        "dispatched": True,
-        **_counters(tracker, trial.trial_id),
-    }
-
-
-def _with_finished(rows: list[dict], trials: list[Trial], finished_runs: dict,
-                   out_dir: Path) -> list[dict]:
-    """`rows` plus a row for each trial an earlier driver finished (read back from its run),
-    in the trials' order."""
-    if not finished_runs:
-        return rows
-    by_id = {r["trial_id"]: r for r in rows}
-    folders = _folder_names(trials)
-    for trial in trials:
-        run = finished_runs.get(trial.trial_id)
-        if run is None or trial.trial_id in by_id:
-            continue
-        tags, adapter_dir = run.data.tags, out_dir / folders[trial.trial_id] / "adapter"
-        by_id[trial.trial_id] = {
-            "trial_id": trial.trial_id, "name": trial.name, "params": trial.params,
-            "lora_r": trial.spec.r, "lora_alpha": trial.spec.alpha,
-            "learning_rate": trial.spec.learning_rate,
-            "status": tags.get(STATUS_TAG, "finished"),
-            "steps": int(tags[STEPS_TAG]) if STEPS_TAG in tags else None,
-            "eval_loss": run.data.metrics.get(EVAL_LOSS), "reason": None,
-            "run_id": run.info.run_id,
-            "adapter_dir": str(adapter_dir) if adapter_dir.is_dir() else None,
-            "pack_id": tags.get(PACK_TAG), "pack_started": None, "pack_ended": None,
-            "placement": None, "dispatched": False,
-            "restarts": int(tags.get(RESTARTS_TAG, 0)),
-            "oom_splits": int(tags.get(OOM_SPLITS_TAG, 0)),
-        }
-    return [by_id[t.trial_id] for t in trials if t.trial_id in by_id]
-
-
-def _counters(tracker: Tracker, trial_id: str) -> dict[str, int]:
-    counts = tracker.counts(trial_id)
-    return {"restarts": counts[RESTARTS_TAG], "oom_splits": counts[OOM_SPLITS_TAG]}
-
-
-def _write_summary(path: Path, config: Config, tracker: Tracker, rows: list[dict],
-                   exit_code: int, extra: dict | None = None) -> None:
-    summary = {
-        "sweep": config.sweep.name,
-        "exit_code": exit_code,
-        "experiment": tracker.experiment_name,
-        "tracking_uri": tracker.uri,
-        "parent_run_id": tracker.parent_run_id,
-        **(extra or {}),
-        "trials": rows,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
-
-
-def _json_safe(obj):
-    # A diverged trial's NaN is not JSON; null says "no number" to every reader.
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _folder_names(trials: list[Trial]) -> dict[str, str]:
-    names = [_safe(t.name or t.trial_id) for t in trials]
-    return {t.trial_id: (n if names.count(n) == 1 else f"{n}-{t.trial_id}")
-            for t, n in zip(trials, names, strict=True)}
-
-
-def _folder_for(trial: Trial, folders: dict[str, str]) -> str:
-    """A folder name for a trial proposed during the sweep, unlike those taken already."""
-    name = _safe(trial.name or trial.trial_id)
-    return name if name not in folders.values() else f"{name}-{trial.trial_id}"
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", name).strip("._") or "sweep"

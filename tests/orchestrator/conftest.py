@@ -24,7 +24,7 @@ def ray_session():
 def optuna_run(ray_session, tmp_path_factory):
     """A tiny Optuna sweep (2 rounds of 2) with the best adapter registered as `best`: read by
     test_optuna, test_registry and test_report (one run for the three)."""
-    import tiny_sweeps
+    from support import tiny_sweeps
 
     root = tmp_path_factory.mktemp("optuna")
     return tiny_sweeps.run(root, tiny_sweeps.config(root, tiny_sweeps.optuna_sweep(),

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
+from orchestrator.config.schema import Config, QuantCfg, SweepDef, TrainCfg
 from orchestrator.planner import plan
-from orchestrator.schema import Config, QuantCfg, SweepDef, TrainCfg
-from orchestrator.search import expand
+from orchestrator.search.expand import expand
 
 
 def _trials(n: int, **sections) -> list:

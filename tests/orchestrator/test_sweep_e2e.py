@@ -15,19 +15,20 @@ import math
 from pathlib import Path
 
 import pytest
-from tiny_sweeps import SweepRun
-from tiny_sweeps import run as run_tiny
+from support.tiny_sweeps import SweepRun
+from support.tiny_sweeps import run as run_tiny
 
-from orchestrator.schema import (
+from orchestrator.config.schema import (
     ClusterCfg,
     Config,
     DataCfg,
     PackCfg,
+    QuantCfg,
     SweepDef,
     TrackingCfg,
     TrainCfg,
 )
-from orchestrator.tracking import (
+from orchestrator.tracking.keys import (
     ADAPTER_DIR,
     EVAL_LOSS,
     FAILURE_TAG,
@@ -35,8 +36,8 @@ from orchestrator.tracking import (
     PARENT_TAG,
     ROLE_TAG,
     TRAIN_LOSS,
-    Tracker,
 )
+from orchestrator.tracking.tracker import Tracker
 
 MAX_STEPS = 6
 GOOD_ALPHA, BAD_ALPHA = 16.0, 1e30
@@ -46,6 +47,7 @@ def _config(root: Path, max_adapters: int, num_workers: int | None) -> Config:
     return Config(
         train=TrainCfg(max_steps=MAX_STEPS, seq_len=64, micro_batch_size=2, eval_every=3),
         data=DataCfg(max_eval_examples=16),
+        quant=QuantCfg(compute_dtype="float32"),  # as model=tiny sets
         pack=PackCfg(max_adapters=max_adapters),
         cluster=ClusterCfg(num_workers=num_workers),
         tracking=TrackingCfg(uri=f"sqlite:///{root}/mlflow.db",
@@ -91,7 +93,7 @@ def _history(run: SweepRun, run_id: str, key: str) -> list[tuple[int, float]]:
 
 @pytest.mark.slow
 def test_mlflow_holds_the_sweep_as_promised(alone):
-    from orchestrator.search import expand
+    from orchestrator.search.expand import expand
 
     assert alone.parent.info.run_name == "e2e"
     assert alone.parent.data.params["sweep_name"] == "e2e"
@@ -187,9 +189,11 @@ def test_packing_does_not_change_a_trials_numbers(alone, packed):
 
 @pytest.mark.slow
 def test_an_engine_exception_fails_only_its_pack(ray_session, tmp_path):
-    from orchestrator.cluster import PackOutcome, connect, disconnect, dispatch
+    from orchestrator.cluster.connect import connect, disconnect
+    from orchestrator.cluster.dispatch import dispatch
+    from orchestrator.cluster.events import PackOutcome
     from orchestrator.planner import Pack
-    from orchestrator.search import expand
+    from orchestrator.search.expand import expand
 
     config = dataclasses.replace(_config(tmp_path, 1, None), sweep=SweepDef(
         name="oom", params={"lora.r": [4, 8]}))
@@ -214,7 +218,7 @@ def test_an_engine_exception_fails_only_its_pack(ray_session, tmp_path):
 
 
 def test_no_run_is_left_running_when_the_driver_is_interrupted(tmp_path):
-    from orchestrator.search import expand
+    from orchestrator.search.expand import expand
 
     config = _config(tmp_path, 1, None)
     trials = expand(config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import DATA, _base, _by_id, _curve, _max_rel, data  # noqa: F401  (fixture)
+from support.engine import DATA, by_id, curve, make_base, max_rel
 
 from qlora import TrialSpec, train_pack
 from qlora import checkpoint as ckpt
@@ -23,10 +23,10 @@ def _pair(steps: int = 12) -> list[TrialSpec]:
 
 
 @pytest.mark.parametrize("gc", [False, True], ids=["no-checkpointing", "checkpointing"])
-def test_resume_reproduces_uninterrupted_run(data, tmp_path, gc):  # noqa: F811
-    base = _base(gc)
+def test_resume_reproduces_uninterrupted_run(data, tmp_path, gc):
+    base = make_base(gc)
     trials = _pair()
-    reference = _by_id(train_pack(base, trials, datasets=data))
+    reference = by_id(train_pack(base, trials, datasets=data))
 
     def die_at_step_7(trial_id, step, metrics):
         if step == 7:
@@ -38,7 +38,7 @@ def test_resume_reproduces_uninterrupted_run(data, tmp_path, gc):  # noqa: F811
     assert (tmp_path / "c0" / "latest").read_text() == "step-000005"
 
     resumed_steps = []
-    resumed = _by_id(train_pack(base, trials, datasets=data, checkpoint_dir=tmp_path,
+    resumed = by_id(train_pack(base, trials, datasets=data, checkpoint_dir=tmp_path,
                                 checkpoint_every=5,
                                 on_metrics=lambda t, s, m: resumed_steps.append((t, s)) and None))
     # c0 continues after its step-5 checkpoint; c1 (accumulating 2 micro-steps per step) was at
@@ -47,11 +47,11 @@ def test_resume_reproduces_uninterrupted_run(data, tmp_path, gc):  # noqa: F811
     assert min(s for t, s in resumed_steps if t == "c1") == 1
     for trial in trials:
         assert resumed[trial.trial_id].status == "finished"
-        assert _max_rel(_curve(resumed[trial.trial_id]), _curve(reference[trial.trial_id])) <= 1e-4
+        assert max_rel(curve(resumed[trial.trial_id]), curve(reference[trial.trial_id])) <= 1e-4
 
 
-def test_finished_trial_is_not_trained_again(data, tmp_path):  # noqa: F811
-    base = _base(gc=False)
+def test_finished_trial_is_not_trained_again(data, tmp_path):
+    base = make_base(gc=False)
     trial = _pair(steps=4)[0]
     first = train_pack(base, [trial], datasets=data, checkpoint_dir=tmp_path)[0]
     calls = []
@@ -62,8 +62,8 @@ def test_finished_trial_is_not_trained_again(data, tmp_path):  # noqa: F811
     assert again.train_losses == first.train_losses and again.adapter is not None
 
 
-def test_half_written_checkpoint_is_ignored(data, tmp_path):  # noqa: F811
-    base = _base(gc=False)
+def test_half_written_checkpoint_is_ignored(data, tmp_path):
+    base = make_base(gc=False)
     trial = _pair(steps=4)[0]
     train_pack(base, [trial], datasets=data, checkpoint_dir=tmp_path, checkpoint_every=2)
     folder = tmp_path / trial.trial_id

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
+from support.engine import DATA, DEVICE, by_id, curve, make_base, max_rel
 
 from qlora import (
     BaseSpec,
-    DataSpec,
     TrialSpec,
     adapter_logits,
     load_base,
@@ -22,43 +21,6 @@ from qlora import (
 )
 from qlora.adapters import inject, load_adapter_state, remove
 from qlora.export import PEFT_PREFIX
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DATA = DataSpec(seq_len=48)
-
-
-@dataclass
-class Ex:
-    input_ids: list[int]
-    labels: list[int]
-
-
-@dataclass
-class Tokenized:
-    train: list
-    eval: list
-
-
-def _examples(n: int, seed: int) -> list[Ex]:
-    """Causal-LM examples of varied length whose second half is the response (prompt masked)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(12, 40, (1,), generator=gen))
-        ids = [1] + torch.randint(4, 100, (length,), generator=gen).tolist()
-        cut = length // 2
-        out.append(Ex(ids, [-100] * cut + ids[cut:]))
-    return out
-
-
-@pytest.fixture(scope="module")
-def data():
-    return {DATA: Tokenized(_examples(64, 0), _examples(24, 1))}
-
-
-def _base(gc: bool, quant: str = "nf4", dtype: str = "float32"):
-    return load_base(BaseSpec(quant_type=quant, compute_dtype=dtype, gradient_checkpointing=gc),
-                     device=DEVICE)
 
 
 def _trials(steps: int = 20) -> list[TrialSpec]:
@@ -71,43 +33,30 @@ def _trials(steps: int = 20) -> list[TrialSpec]:
             for k, (r, a, lr, acc, opt) in enumerate(settings)]
 
 
-def _curve(result) -> list[float]:
-    return result.train_losses + [loss for _, loss in result.eval_history]
-
-
-def _max_rel(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b)
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
-
-
-def _by_id(results) -> dict:
-    return {r.trial_id: r for r in results}
-
-
 @pytest.mark.parametrize("gc", [False, True], ids=["no-checkpointing", "checkpointing"])
 def test_packed_equals_alone(data, gc):
-    base = _base(gc)
+    base = make_base(gc)
     trials = _trials()
-    packed = _by_id(train_pack(base, trials, datasets=data))
+    packed = by_id(train_pack(base, trials, datasets=data))
     for trial in trials:
         alone = train_pack(base, [trial], datasets=data)[0]
         together = packed[trial.trial_id]
         assert together.status == alone.status == "finished"
         assert len(together.train_losses) == 20 and [s for s, _ in together.eval_history] == [10, 20]
-        assert _max_rel(_curve(together), _curve(alone)) <= 1e-4
+        assert max_rel(curve(together), curve(alone)) <= 1e-4
     # The trials really differ, so equality above is not equality of untrained adapters.
     finals = sorted(r.eval_loss for r in packed.values())
     assert finals[-1] - finals[0] > 1e-3
 
 
 def test_diverging_trial_is_stopped_and_isolated(data):
-    base = _base(gc=False)
+    base = make_base(gc=False)
     healthy = _trials(steps=12)[:3]
     wild = TrialSpec(trial_id="wild", seed=7, r=8, alpha=16.0, learning_rate=1e4, max_steps=12,
                      micro_batch_size=2, optimizer="adamw", data=DATA)
-    reference = _by_id(train_pack(base, healthy, datasets=data))
+    reference = by_id(train_pack(base, healthy, datasets=data))
     ended = []
-    mixed = _by_id(train_pack(base, [healthy[0], wild, *healthy[1:]], datasets=data,
+    mixed = by_id(train_pack(base, [healthy[0], wild, *healthy[1:]], datasets=data,
                               on_trial_end=lambda r: ended.append(r.trial_id)))
     assert mixed["wild"].status == "diverged"
     assert mixed["wild"].reason.startswith(f"diverged at step {mixed['wild'].steps + 1}")
@@ -115,13 +64,13 @@ def test_diverging_trial_is_stopped_and_isolated(data):
     assert ended[0] == "wild"  # reported as soon as it happened, not at the end of the pack
     for trial in healthy:
         assert mixed[trial.trial_id].status == "finished"
-        assert _max_rel(_curve(mixed[trial.trial_id]), _curve(reference[trial.trial_id])) <= 1e-4
+        assert max_rel(curve(mixed[trial.trial_id]), curve(reference[trial.trial_id])) <= 1e-4
 
 
 def test_peft_round_trip(data, tmp_path):
     from peft import PeftModel
 
-    base = _base(gc=False)
+    base = make_base(gc=False)
     trial = TrialSpec(trial_id="rt", seed=3, r=8, alpha=16.0, learning_rate=1e-2, max_steps=6,
                       micro_batch_size=2, optimizer="adamw", data=DATA)
     result = train_pack(base, [trial], datasets=data)[0]
@@ -141,7 +90,7 @@ def test_peft_round_trip(data, tmp_path):
     ids = torch.randint(4, 100, (3, 24), generator=torch.Generator().manual_seed(0))
     ours = adapter_logits(base, "check", ids).float().cpu()
     remove(base, "check")
-    fresh = _base(gc=False)
+    fresh = make_base(gc=False)
     with torch.no_grad():
         plain = fresh.model(input_ids=ids.to(fresh.device)).logits.float().cpu()
         peft_model = PeftModel.from_pretrained(fresh.model, str(folder)).eval()
@@ -205,7 +154,7 @@ def test_import_qlora_leaves_orchestration_stack_out():
 
 
 def test_backfill_and_early_stop_keep_numbers(data):
-    base = _base(gc=False)
+    base = make_base(gc=False)
     trials = _trials(steps=8)
     queue = list(trials[2:])
     active_seen = []
@@ -215,7 +164,7 @@ def test_backfill_and_early_stop_keep_numbers(data):
         return trial_id == "t1" and step == 4  # stop t1 early: frees its slot for backfill
 
     model_before = base.model
-    results = _by_id(train_pack(base, trials[:2], datasets=data, on_metrics=on_metrics,
+    results = by_id(train_pack(base, trials[:2], datasets=data, on_metrics=on_metrics,
                                 next_trial=lambda: queue.pop(0) if queue else None))
     assert base.model is model_before and not base.layers["model.layers.0.self_attn.q_proj"].adapters
     assert set(results) == {"t0", "t1", "t2", "t3"}
@@ -225,7 +174,7 @@ def test_backfill_and_early_stop_keep_numbers(data):
     assert active_seen.index("t2") < active_seen.index("t3")
     for trial in (trials[0], trials[2], trials[3]):
         alone = train_pack(base, [trial], datasets=data)[0]
-        assert _max_rel(_curve(results[trial.trial_id]), _curve(alone)) <= 1e-4
+        assert max_rel(curve(results[trial.trial_id]), curve(alone)) <= 1e-4
 
 
 def test_memory_estimate_matches_quantized_storage():
@@ -255,19 +204,19 @@ def test_memory_estimate_matches_quantized_storage():
 @pytest.mark.gpu
 @pytest.mark.parametrize("gc", [False, True])
 def test_packed_equals_alone_bf16_gpu(data, gc):
-    base = _base(gc, dtype="bfloat16")
+    base = make_base(gc, dtype="bfloat16")
     trials = _trials(steps=10)
-    packed = _by_id(train_pack(base, trials, datasets=data))
+    packed = by_id(train_pack(base, trials, datasets=data))
     for trial in trials:
         alone = train_pack(base, [trial], datasets=data)[0]
-        assert _max_rel(_curve(packed[trial.trial_id]), _curve(alone)) <= 2e-2
+        assert max_rel(curve(packed[trial.trial_id]), curve(alone)) <= 2e-2
 
 
 @pytest.mark.gpu
 def test_peft_round_trip_bf16_gpu(data, tmp_path):
     from peft import PeftModel
 
-    base = _base(gc=True, dtype="bfloat16")
+    base = make_base(gc=True, dtype="bfloat16")
     trial = TrialSpec(trial_id="rt16", seed=3, r=8, alpha=16.0, learning_rate=1e-2, max_steps=4,
                       micro_batch_size=2, optimizer="paged_adamw_32bit", data=DATA)
     result = train_pack(base, [trial], datasets=data)[0]
@@ -277,7 +226,7 @@ def test_peft_round_trip_bf16_gpu(data, tmp_path):
     load_adapter_state(base, "check", {k[len(PEFT_PREFIX):]: v for k, v in weights.items()})
     ids = torch.randint(4, 100, (2, 24), generator=torch.Generator().manual_seed(0))
     ours = adapter_logits(base, "check", ids).float().cpu()
-    fresh = _base(gc=False, dtype="bfloat16")
+    fresh = make_base(gc=False, dtype="bfloat16")
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(fresh.model, str(folder)).eval()(
             input_ids=ids.to(fresh.device)).logits.float().cpu()

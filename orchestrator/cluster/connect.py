@@ -1,0 +1,119 @@
+"""Connecting to Ray: start it here (`local`) or join a cluster, and decide how many workers.
+
+`connect(cluster)` starts Ray here or joins one (`auto`, `ray://...`), or reuses a Ray already
+initialised in this process (tests, notebooks), and resolves `num_workers` and `gpus_per_worker`
+from the cluster's resources. `worker_env` is what every worker process runs with.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from orchestrator.cluster.events import first_line
+from orchestrator.config.errors import ConfigError
+from orchestrator.config.schema import ClusterCfg
+
+log = logging.getLogger(__name__)
+_CODE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding orchestrator/, qlora/
+
+#: Every worker trains with one thread: two 2-thread processes on two cores run ~50x slower.
+#: Progress bars of model loading would interleave with the driver's own progress display.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+              "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+MAX_CPU_WORKERS = 8
+
+
+class ClusterUnavailable(ConfigError):
+    """Ray could not be started or reached, or cannot host the requested workers (exit 2)."""
+
+
+@dataclass
+class WorkerPlan:
+    """How many workers a sweep runs and what each one asks Ray for."""
+
+    num_workers: int
+    gpus_per_worker: float
+    address: str
+    owns_ray: bool  # connect() called ray.init, so disconnect() shuts it down
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+def connect(cluster: ClusterCfg) -> WorkerPlan:
+    """Start, join or reuse Ray and resolve `num_workers` and `gpus_per_worker`.
+
+    A Ray already initialised in this process is reused as it is (and left running afterwards).
+    `local` starts Ray on this machine; `auto` and `ray://host:port` join an existing cluster.
+    `gpus_per_worker` None means 1 on a cluster with GPUs, else 0. `num_workers` None means one
+    worker per `gpus_per_worker` GPUs, or on a CPU-only cluster one per CPU (1 to 8).
+    Raises `ClusterUnavailable` (a `ConfigError`) with a one-line reason naming the key at fault.
+    """
+    owns = False
+    if not ray.is_initialized():
+        kwargs = dict(logging_level=logging.WARNING, configure_logging=True)
+        try:
+            if cluster.address == "local":
+                # "local", not None: ray.init() alone joins the cluster named in
+                # /tmp/ray/ray_current_cluster (another user's, a test's) when there is one.
+                ray.init(address="local", include_dashboard=False, **kwargs)
+            else:
+                ray.init(address=cluster.address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ClusterUnavailable(
+                "cluster.address", f"cannot start or reach Ray at {cluster.address!r}: "
+                f"{first_line(e)}") from e
+        owns = True
+    try:
+        resources = {k: float(v) for k, v in ray.cluster_resources().items()}
+        num_workers, gpus = _resolve_workers(cluster, resources)
+    except ClusterUnavailable:
+        if owns:
+            ray.shutdown()
+        raise
+    return WorkerPlan(num_workers=num_workers, gpus_per_worker=gpus, address=cluster.address,
+                      owns_ray=owns, resources=resources)
+
+
+def disconnect(plan: WorkerPlan) -> None:
+    """Shut Ray down if `connect` started or joined it; leave a Ray it found running alone."""
+    if plan.owns_ray and ray.is_initialized():
+        ray.shutdown()
+
+
+def _resolve_workers(cluster: ClusterCfg, resources: dict[str, float]) -> tuple[int, float]:
+    total_gpus = resources.get("GPU", 0.0)
+    total_cpus = resources.get("CPU", 0.0)
+    gpus = cluster.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if total_gpus > 0 else 0.0
+    if gpus > 0 and total_gpus == 0:
+        raise ClusterUnavailable(
+            "cluster.gpus_per_worker", f"{gpus} asked, but the Ray cluster has no GPUs (use 0)")
+    # Each worker also holds one CPU slot, so CPUs bound the count on GPU clusters too.
+    capacity = int(total_cpus)
+    if gpus > 0:
+        capacity = min(capacity, math.floor(total_gpus / gpus + 1e-9))
+    if cluster.num_workers is not None:
+        if cluster.num_workers > capacity:
+            # An autoscaling cluster may grow to fit; a fixed one leaves the extra workers waiting.
+            log.warning("cluster.num_workers=%d exceeds what the cluster holds now (%d): the rest "
+                        "wait for resources", cluster.num_workers, capacity)
+        return cluster.num_workers, float(gpus)
+    if gpus > 0:
+        return max(1, capacity), float(gpus)
+    return max(1, min(capacity, MAX_CPU_WORKERS)), 0.0
+
+
+def worker_env(plan: WorkerPlan) -> dict[str, str]:
+    env = dict(WORKER_ENV)
+    if not plan.address.startswith("ray://"):
+        # Ray puts only the driver's cwd on workers' paths; run from elsewhere, a checkout that is
+        # not pip-installed would not import. Nodes share the layout (Ray's own assumption);
+        # Ray expands ${PYTHONPATH} to the node's value.
+        env["PYTHONPATH"] = f"{_CODE_ROOT}{os.pathsep}${{PYTHONPATH}}"
+    return env

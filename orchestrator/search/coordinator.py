@@ -1,0 +1,157 @@
+"""`SearchCoordinator`: a small Ray actor that takes the search's decisions while packs train.
+
+The driver creates it (with `sweep.scheduler=asha`) and hands it to every `PackWorker`. A worker
+talks to it through `WorkerHooks`, plugged into the engine's callbacks:
+
+- `on_metrics` at an evaluation: `report(trial, step, eval_loss)`, answered at once with stop or
+  go on (ASHA's rule, `orchestrator.search.asha`). Between evaluations a worker asks, without waiting,
+  for the trials that later results have ruled out, and stops them at their next step.
+- `next_trial` when a trial of the pack ended: the next waiting trial that can share the pack's
+  base (same base and sequence length), so the freed adapter slot is filled without loading the
+  base again (backfill).
+
+The driver fills the queue (`add_waiting`) and reads the decisions (`stops`) to tag the runs.
+Trials backfilled into a pack whose worker was lost are put back in the queue (`orphans`): they
+continue from their checkpoints in whichever pack takes them next.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import asdict
+
+from orchestrator.search.asha import Asha, Stop
+from qlora.config import BaseSpec, TrialSpec, stable_hash
+
+
+def group_key(base: BaseSpec, seq_len: int) -> str:
+    """Which trials may share a pack: the planner's grouping (one base, one batch shape)."""
+    return stable_hash([asdict(base), seq_len], 16)
+
+
+class SearchCoordinator:
+    """ASHA's rung table and the queue of trials waiting for a slot (used as a Ray actor)."""
+
+    def __init__(self, asha: Asha | None):
+        self._asha = asha
+        self._waiting: dict[str, deque[TrialSpec]] = {}  # group -> specs in the order to run
+        self._handed: dict[str, list[TrialSpec]] = {}  # pack id -> trials backfilled into it
+        self._group_of: dict[str, str] = {}  # trial -> its group, for one handed out
+        self._requeued: dict[str, int] = {}
+
+    # -- from the driver ------------------------------------------------------------------------
+
+    def add_trials(self, items: list[tuple[str, int]]) -> None:
+        """Make trials known to ASHA: (trial_id, max_steps) of every trial the sweep runs."""
+        if self._asha is not None:
+            for trial_id, max_steps in items:
+                self._asha.add_trial(trial_id, max_steps)
+
+    def add_waiting(self, group: str, specs: list[TrialSpec], front: bool = False) -> None:
+        """Queue trials for backfill into packs of `group`."""
+        queue = self._waiting.setdefault(group, deque())
+        if front:
+            queue.extendleft(reversed(specs))
+        else:
+            queue.extend(specs)
+
+    def take(self, group: str, n: int) -> list[TrialSpec]:
+        """Up to `n` waiting trials of `group`, out of the queue (for a new pack)."""
+        queue = self._waiting.get(group, deque())
+        return [queue.popleft() for _ in range(min(n, len(queue)))]
+
+    def waiting(self) -> dict[str, int]:
+        """How many trials wait, per group."""
+        return {g: len(q) for g, q in self._waiting.items() if q}
+
+    def stops(self) -> dict[str, Stop]:
+        """Every trial ASHA stopped, with its rung and reason."""
+        return dict(self._asha.stops) if self._asha is not None else {}
+
+    def orphans(self, pack_id: str, ended: list[str], max_requeues: int) -> tuple[list, list]:
+        """Trials backfilled into the lost pack `pack_id` that the driver has no result for
+        (`ended` lists those it has): queued again at the front while they have requeues left.
+        They continue from their checkpoints; one whose checkpoint says it ended returns its
+        result at once.
+
+        Returns (requeued trial ids, given-up trial ids).
+        """
+        requeued, given_up = [], []
+        for spec in self._handed.pop(pack_id, []):
+            tid = spec.trial_id
+            if tid in ended:
+                continue
+            if self._requeued.get(tid, 0) >= max_requeues:
+                given_up.append(tid)
+                continue
+            self._requeued[tid] = self._requeued.get(tid, 0) + 1
+            self.add_waiting(self._group_of[tid], [spec], front=True)
+            requeued.append(tid)
+        return requeued, given_up
+
+    # -- from the workers -----------------------------------------------------------------------
+
+    def report(self, trial_id: str, step: int, eval_loss: float) -> bool:
+        """An evaluation of `trial_id` at `step`: True if the trial must stop now."""
+        if self._asha is None:
+            return False
+        return self._asha.report(trial_id, step, eval_loss) is not None
+
+    def pending_stops(self) -> list[str]:
+        """Trials that must stop (ruled out at a rung, possibly after they passed it)."""
+        return self._asha.pending_stops() if self._asha is not None else []
+
+    def next_trial(self, pack_id: str, group: str) -> TrialSpec | None:
+        """The next waiting trial for a freed slot in `pack_id` (of `group`), or None."""
+        queue = self._waiting.get(group)
+        if not queue:
+            return None
+        spec = queue.popleft()
+        self._handed.setdefault(pack_id, []).append(spec)
+        self._group_of[spec.trial_id] = group
+        return spec
+
+    def ended(self, trial_id: str) -> None:
+        """A trial ended in a worker (whatever its status)."""
+        if self._asha is not None:
+            self._asha.forget(trial_id)
+
+
+class WorkerHooks:
+    """The engine's `on_metrics` and `next_trial` for one pack, backed by the coordinator."""
+
+    def __init__(self, coordinator, pack_id: str, base: BaseSpec, specs: list[TrialSpec]):
+        self._coordinator = coordinator
+        self._pack_id = pack_id
+        self._group = group_key(base, specs[0].data.seq_len) if specs else ""
+        self._asked = None  # an ObjectRef of pending_stops() in flight
+        self._stops: set[str] = set()
+        self.backfilled: list[TrialSpec] = []
+
+    def on_metrics(self, trial_id: str, step: int, metrics: dict) -> bool:
+        """True to stop `trial_id` now."""
+        import ray
+
+        if "eval_loss" in metrics:
+            return ray.get(self._coordinator.report.remote(trial_id, step,
+                                                           float(metrics["eval_loss"])))
+        # Between evaluations: never wait; act on the last answer and ask again.
+        if self._asked is None:
+            self._asked = self._coordinator.pending_stops.remote()
+        ready, _ = ray.wait([self._asked], timeout=0)
+        if ready:
+            self._stops = set(ray.get(self._asked))
+            self._asked = None
+        return trial_id in self._stops
+
+    def next_trial(self) -> TrialSpec | None:
+        """The next waiting trial for this pack's freed slot, or None (the queue is empty)."""
+        import ray
+
+        spec = ray.get(self._coordinator.next_trial.remote(self._pack_id, self._group))
+        if spec is not None:
+            self.backfilled.append(spec)
+        return spec
+
+    def on_trial_end(self, trial_id: str) -> None:
+        self._coordinator.ended.remote(trial_id)  # fire and forget

@@ -1,0 +1,109 @@
+"""A sweep's trials: the grid or the random draws of `cfg.sweep`, each a full config and its specs.
+
+- grid   : the cartesian product of the value lists, in the YAML's order (the last key fastest).
+- random : `num_trials` draws from `random.Random(cfg.seed)`: a list gives a uniform choice, a
+           range `{low, high, log, type}` a uniform (or log-uniform) number, rounded for `int`.
+- optuna : the first round of Optuna's proposals (`orchestrator.search.optuna_rounds`); the sweep asks
+           for the rest as results come in.
+
+Either way trials are deduplicated by `trial_id`, the hash of everything that affects a trial's
+numbers (model, data, quant, lora, train, seed), so the same config has the same id in any sweep:
+that is what resume and MLflow's `qlora.trial_id` tag rely on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from typing import Any
+
+from orchestrator.config.schema import Config
+from orchestrator.config.validate import sweep_params
+from orchestrator.search.trials import (
+    DIGITS,
+    Trial,
+    apply,
+    fmt_number,
+    trial_id,
+    trial_name,
+    trial_seed,
+)
+
+
+def expand(cfg: Config) -> list[Trial]:
+    """The trials of `cfg.sweep`, in a stable order; a config validated by `validate()`.
+
+    A sweep without params gives one trial: `cfg` itself. Params are checked again (cheap), so
+    a config built by hand gets the same `ConfigError` as one from the command line.
+    """
+    sweep = cfg.sweep
+    params = sweep_params(sweep)
+    if sweep.strategy == "grid":
+        product = itertools.product(*params.values())
+        combos = [dict(zip(params, values, strict=True)) for values in product]
+    elif sweep.strategy == "random":
+        rng = random.Random(cfg.seed)
+        combos = [
+            {key: _draw(rng, spec) for key, spec in params.items()}
+            for _ in range(sweep.num_trials or 1)
+        ]
+    elif sweep.strategy == "optuna":
+        # Later rounds follow from results: what can be listed up front is the first round.
+        from orchestrator.search.optuna_rounds import first_round
+
+        return first_round(cfg)
+    else:
+        raise ValueError(f"unknown sweep strategy {sweep.strategy!r}")
+
+    seen: set[str] = set()
+    drafts: list[tuple[str, dict, Config]] = []
+    for params in combos:
+        config = apply(cfg, params)
+        tid = trial_id(config)
+        if tid not in seen:
+            seen.add(tid)
+            drafts.append((tid, params, config))
+
+    names = [trial_name(config, params) for _, params, config in drafts]
+    trials = []
+    for (tid, params, config), name in zip(drafts, names, strict=True):
+        if names.count(name) > 1:
+            name = f"{name}-{tid[:6]}"
+        spec = config.trial_spec(tid, name, trial_seed(config.seed, tid))
+        trials.append(Trial(tid, name, params, config, spec, config.base_spec()))
+    return trials
+
+
+def _draw(rng: random.Random, spec: Any) -> Any:
+    """One value of a random-search param: a list's element, or a number within a range."""
+    if isinstance(spec, list):
+        return rng.choice(spec)
+    low, high = spec["low"], spec["high"]
+    if spec["log"]:
+        value = math.exp(rng.uniform(math.log(low), math.log(high)))
+    else:
+        value = rng.uniform(low, high)
+    if spec["type"] == "int":
+        value = round(value)
+    else:
+        value = float(f"{value:.{DIGITS}g}")
+    value = min(max(value, low), high)  # rounding may step just outside
+    return type(low)(value)
+
+
+def format_trials(cfg: Config, trials: list[Trial]) -> str:
+    """A plain-text table of `trials` under one line describing the sweep (for dry runs and logs)."""
+    swept = list(cfg.sweep.params)
+    head = (f"sweep {cfg.sweep.name} ({cfg.sweep.strategy}): {len(trials)} trial"
+            f"{'' if len(trials) == 1 else 's'} on {cfg.model.name_or_path} "
+            f"({cfg.quant.type}, {cfg.quant.compute_dtype}), data {cfg.data.path or 'bundled'}, "
+            f"{cfg.train.max_steps} steps, up to {cfg.pack.max_adapters} per pack")
+    rows = [["#", "trial_id", "name", *swept]]
+    for i, t in enumerate(trials, 1):
+        values = [fmt_number(t.params[k]) if isinstance(t.params[k], float) else str(t.params[k])
+                  for k in swept]
+        rows.append([str(i), t.trial_id, t.name, *values])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join([head, *lines])

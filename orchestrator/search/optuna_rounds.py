@@ -1,0 +1,149 @@
+"""Model-based search: Optuna's TPE sampler proposes trials from the results so far (ask/tell).
+
+`sweep=optuna` gives a budget (`sweep.num_trials`) and a space (`sweep.params`: a list is a
+categorical choice, `{low, high, log, type}` a number). Proposals come in rounds of
+`sweep.optuna.batch_size` (default: every adapter slot of the sweep), and a round is asked only
+once every trial of the round before has been told its result: so each proposal is a function of
+the seed and the earlier results alone, never of which worker finished first, and a sweep with
+the same seed proposes the same trials again. Within a round, TPE's constant liar spreads the
+proposals out. The first `sweep.optuna.startup_trials` proposals are drawn at random.
+
+What Optuna is told: a finished trial's final `eval_loss`; a trial stopped by ASHA is PRUNED
+(with its rung evaluations as intermediate values, reported as they stream in); a trial that
+diverged or failed is FAIL. A proposal that repeats an earlier trial's config (the same trial id)
+is told that trial's value and asked again, so the budget counts distinct trials.
+
+The study lives in the driver's memory (resume does not restore it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from orchestrator.config.schema import Config
+from orchestrator.search.trials import Trial, apply, trial_id, trial_name, trial_seed
+
+#: Proposals in a row that repeat earlier trials before the space counts as exhausted.
+MAX_REPEATS = 200
+_PRIMITIVE = (int, float, str, bool, type(None))
+
+
+def round_size(cfg: Config, slots: int | None = None) -> int:
+    """Proposals per round: `sweep.optuna.batch_size`, else `slots` (the sweep's adapter slots:
+    workers x pack.max_adapters), else pack.max_adapters x cluster.num_workers (or 1 worker)."""
+    if cfg.sweep.optuna.batch_size:
+        return cfg.sweep.optuna.batch_size
+    if slots:
+        return slots
+    return cfg.pack.max_adapters * (cfg.cluster.num_workers or 1)
+
+
+class OptunaSearch:
+    """Ask/tell over one in-memory study, turning proposals into this project's `Trial`s."""
+
+    def __init__(self, cfg: Config):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.cfg = cfg
+        self.space = dict(cfg.sweep.params)
+        self.budget = cfg.sweep.num_trials or 1
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed,
+                                             n_startup_trials=cfg.sweep.optuna.startup_trials)
+        self.study = optuna.create_study(direction="minimize", sampler=sampler)
+        self.trials: list[Trial] = []  # distinct trials proposed, in order
+        self._optuna: dict[str, Any] = {}  # trial_id -> its optuna.Trial
+        self._values: dict[str, float | None] = {}  # trial_id -> the value told (None: not one)
+        self._open: set[str] = set()  # proposed, not yet told
+        self._names: set[str] = set()
+        self.exhausted = False  # the space gave only repeats
+
+    @property
+    def remaining(self) -> int:
+        """Trials of the budget not yet proposed (0 once the space is exhausted)."""
+        return 0 if self.exhausted else max(0, self.budget - len(self.trials))
+
+    @property
+    def waiting_for_results(self) -> bool:
+        """Whether a proposed trial has not been told yet (the next round must wait)."""
+        return bool(self._open)
+
+    def ask(self, n: int) -> list[Trial]:
+        """Up to `n` new trials (fewer when the budget or the space runs out)."""
+        from optuna.trial import TrialState
+
+        new: list[Trial] = []
+        wanted = min(n, self.remaining)
+        repeats = 0
+        while len(new) < wanted:
+            ot = self.study.ask()
+            params = {key: _suggest(ot, key, spec) for key, spec in self.space.items()}
+            config = apply(self.cfg, params)
+            tid = trial_id(config)
+            if tid in self._optuna:  # the same config again: it has (or will have) its own result
+                value = self._values.get(tid)
+                if value is not None:
+                    self.study.tell(ot, value)
+                else:
+                    self.study.tell(ot, state=TrialState.FAIL)
+                repeats += 1
+                if repeats >= MAX_REPEATS:
+                    self.exhausted = True
+                    break
+                continue
+            repeats = 0
+            name = trial_name(config, params)
+            if name in self._names:
+                name = f"{name}-{tid[:6]}"
+            self._names.add(name)
+            trial = Trial(tid, name, params, config,
+                          config.trial_spec(tid, name, trial_seed(config.seed, tid)),
+                          config.base_spec())
+            self._optuna[tid] = ot
+            self._open.add(tid)
+            self.trials.append(trial)
+            new.append(trial)
+        return new
+
+    def report(self, trial_id: str, step: int, value: float) -> None:
+        """An intermediate eval_loss of an open trial."""
+        ot = self._optuna.get(trial_id)
+        if ot is not None and trial_id in self._open and math.isfinite(value):
+            ot.report(float(value), int(step))
+
+    def tell(self, trial_id: str, status: str, eval_loss: float | None) -> None:
+        """A trial's end: finished -> its eval_loss, stopped -> PRUNED, otherwise FAIL."""
+        from optuna.trial import TrialState
+
+        if trial_id not in self._open:
+            return
+        self._open.discard(trial_id)
+        ot = self._optuna[trial_id]
+        if status == "finished" and eval_loss is not None and math.isfinite(eval_loss):
+            self._values[trial_id] = float(eval_loss)
+            self.study.tell(ot, float(eval_loss))
+        elif status == "stopped":
+            self.study.tell(ot, state=TrialState.PRUNED)
+        else:
+            self.study.tell(ot, state=TrialState.FAIL)
+
+
+def first_round(cfg: Config) -> list[Trial]:
+    """The trials of the first round (a preview: later rounds depend on results)."""
+    return OptunaSearch(cfg).ask(round_size(cfg))
+
+
+def _suggest(ot, key: str, spec: Any) -> Any:
+    """One value of `key` from the optuna trial `ot`, for a list or a range of this project."""
+    if isinstance(spec, list):
+        if all(isinstance(v, _PRIMITIVE) for v in spec):
+            return ot.suggest_categorical(key, spec)
+        return spec[ot.suggest_categorical(key, list(range(len(spec))))]  # e.g. lists of modules
+    low, high, log = spec["low"], spec["high"], spec["log"]
+    if spec["type"] == "int":
+        value = ot.suggest_int(key, int(low), int(high), log=log)
+    else:
+        value = float(f"{ot.suggest_float(key, float(low), float(high), log=log):.4g}")
+        value = min(max(value, low), high)  # rounding may step just outside
+    return type(low)(value)

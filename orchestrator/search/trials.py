@@ -1,0 +1,112 @@
+"""A trial's identity: its full config, its stable id, its seed and its short name.
+
+`trial_id` hashes everything that affects a trial's numbers (model, data, quant, lora, train,
+seed), so the same config has the same id in any sweep: that is what resume and MLflow's
+`qlora.trial_id` tag rely on. `Trial` carries the config and the engine's specs built from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.config.schema import Config
+from qlora.config import BaseSpec, TrialSpec, stable_hash
+
+#: train.* options that never change a trial's numbers: the shared base's memory options, how
+#: often it is checkpointed, and the fault injection of tests (retries end with the same numbers).
+_NOT_IN_ID = ("gradient_checkpointing", "activation_offload", "checkpoint_every",
+              "inject_oom_at_step")
+#: How a swept key (beyond r, alpha and lr, always shown) appears in a trial's name.
+_SHORT = {
+    "lora.dropout": "do", "lora.target_modules": "tm", "train.max_steps": "steps",
+    "train.micro_batch_size": "mbs", "train.grad_accum_steps": "ga", "train.seq_len": "len",
+    "train.weight_decay": "wd", "train.warmup_steps": "wu", "train.max_grad_norm": "clip",
+    "train.eval_every": "ev", "train.optimizer": "", "train.lr_schedule": "", "seed": "s",
+}
+_ALWAYS = ("lora.r", "lora.alpha", "train.learning_rate")
+#: Significant digits kept of a randomly drawn float, so params and names stay readable.
+DIGITS = 4
+_NAME_DIGITS = 3  # names only need to tell trials apart; equal names get the id appended
+
+
+@dataclass
+class Trial:
+    """One trial of a sweep, ready for the planner and the engine."""
+
+    trial_id: str
+    name: str
+    params: dict  # the swept dotted keys -> this trial's values
+    config: Config  # the full config with this trial's values applied
+    spec: TrialSpec
+    base: BaseSpec
+
+
+def apply(cfg: Config, params: dict[str, Any]) -> Config:
+    """A copy of `cfg` with the dotted keys of `params` set (`lora.r`, `train.learning_rate`, `seed`)."""
+    for key, value in params.items():
+        section, _, leaf = key.rpartition(".")
+        if section:
+            part = dataclasses.replace(getattr(cfg, section), **{leaf: value})
+            cfg = dataclasses.replace(cfg, **{section: part})
+        else:
+            cfg = dataclasses.replace(cfg, **{leaf: value})
+    return cfg
+
+
+def trial_id(cfg: Config) -> str:
+    """The stable hash of what decides a trial's numbers: model, data, quant, lora, train, seed.
+
+    Where it runs (pack, cluster), where it is recorded (tracking), which sweep asked for it,
+    the base's memory options and checkpointing do not enter, so the same trial has the same id
+    in any sweep.
+    """
+    data = dataclasses.asdict(cfg.data)
+    for key in ("path", "eval_path"):
+        if data[key] is not None:
+            data[key] = os.path.normpath(data[key])  # ./a.jsonl and a.jsonl are one file
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _NOT_IN_ID}
+    lora = dataclasses.asdict(cfg.lora)
+    if not isinstance(lora["target_modules"], str):
+        lora["target_modules"] = list(lora["target_modules"])
+    return stable_hash({
+        "model": dataclasses.asdict(cfg.model), "data": data, "quant": dataclasses.asdict(cfg.quant),
+        "lora": lora, "train": train, "seed": cfg.seed,
+    })
+
+
+def trial_seed(seed: int, tid: str) -> int:
+    """The engine seed of a trial: its init, dropout and data order depend on nothing else."""
+    return int(stable_hash([seed, tid]), 16) % 2**31
+
+
+def trial_name(cfg: Config, params: dict[str, Any]) -> str:
+    """A readable name such as `r16-a32-lr2e-4`, then any other swept values (`-do0.1`, `-s3`)."""
+    parts = [f"r{cfg.lora.r}", f"a{fmt_number(cfg.lora.alpha, _NAME_DIGITS)}",
+             f"lr{fmt_number(cfg.train.learning_rate, _NAME_DIGITS)}"]
+    for key, value in params.items():
+        if key in _ALWAYS:
+            continue
+        short = _SHORT.get(key, key.rpartition(".")[2])
+        if isinstance(value, list | tuple):
+            value = "+".join(map(str, value))
+        shown = fmt_number(value, _NAME_DIGITS) if isinstance(value, float) else value
+        parts.append(f"{short}{shown}")
+    return "-".join(parts)
+
+
+def fmt_number(x: float | int, digits: int = DIGITS) -> str:
+    """A short stable form: 32.0 -> '32', 0.05 -> '0.05', 0.0002 -> '2e-4', 1.5e-05 -> '1.5e-5'.
+
+    At most `digits` significant digits are shown.
+    """
+    if isinstance(x, int) or (math.isfinite(x) and float(x).is_integer() and abs(x) < 1e6):
+        return str(int(x))
+    if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e6):
+        mantissa, exponent = f"{x:.{digits - 1}e}".split("e")
+        mantissa = mantissa.rstrip("0").rstrip(".")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{x:.{digits}g}"

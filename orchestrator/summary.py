@@ -1,0 +1,159 @@
+"""A sweep's summary: one row per trial, `summary.json`, and the trials' folder names.
+
+`record_trial` writes a finished pack's trial to disk and to MLflow and returns its row;
+`with_finished` adds the rows of trials an earlier driver finished (resume); `write_summary`
+writes `<output_dir>/<sweep>/summary.json` atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+from orchestrator.cluster.events import (
+    PackOutcome,
+    Placement,
+)
+from orchestrator.config.schema import Config
+from orchestrator.search.trials import Trial
+from orchestrator.tracking.keys import (
+    DEVICES_TAG,
+    EVAL_LOSS,
+    NODE_TAG,
+    OOM_SPLITS_TAG,
+    PACK_TAG,
+    RESTARTS_TAG,
+    STATUS_TAG,
+    STEPS_TAG,
+    STOP_REASON_TAG,
+    STOPPED_AT_RUNG_TAG,
+    STOPPED_AT_STEP_TAG,
+)
+from orchestrator.tracking.tracker import Tracker
+from qlora import TrialResult, write_adapter
+
+
+def record_trial(trial: Trial, result: TrialResult, outcome: PackOutcome, tracker: Tracker,
+            folder: Path, stop=None) -> dict:
+    """Save a trial's adapter locally, end its run in MLflow, and return its summary row.
+
+    `stop` (an `orchestrator.asha.Stop`) says at which rung and why the search stopped it.
+    """
+    adapter_dir = None
+    if result.adapter:
+        # The local copy is promised to users; MLflow gets the same files from it.
+        adapter_dir = write_adapter(result.adapter, folder / "adapter")
+    placement: Placement | None = outcome.placement
+    tags = {PACK_TAG: outcome.pack_id}
+    if placement is not None:
+        tags[NODE_TAG] = placement.node_id
+        if placement.cuda_visible_devices is not None:
+            tags[DEVICES_TAG] = placement.cuda_visible_devices
+    if stop is not None and result.status == "stopped":
+        tags.update({STOPPED_AT_RUNG_TAG: str(stop.rung), STOPPED_AT_STEP_TAG: str(stop.step),
+                     STOP_REASON_TAG: stop.reason})
+    tracker.end_trial(result, adapter_dir, tags)
+    return {
+        "trial_id": trial.trial_id,
+        "name": trial.name,
+        "params": trial.params,
+        "lora_r": trial.spec.r,
+        "lora_alpha": trial.spec.alpha,
+        "learning_rate": trial.spec.learning_rate,
+        "status": result.status,
+        "steps": result.steps,
+        "eval_loss": result.eval_loss,
+        "reason": result.reason,
+        "run_id": tracker.run_ids[trial.trial_id],
+        "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
+        "pack_id": outcome.pack_id,
+        "pack_started": outcome.started,
+        "pack_ended": outcome.ended,
+        "placement": asdict(placement) if placement is not None else None,
+        "stopped_at_rung": stop.rung if stop is not None else None,
+        "stop_reason": stop.reason if stop is not None else None,
+        "dispatched": True,
+        **counters(tracker, trial.trial_id),
+    }
+
+
+def with_finished(rows: list[dict], trials: list[Trial], finished_runs: dict,
+                   out_dir: Path) -> list[dict]:
+    """`rows` plus a row for each trial an earlier driver finished (read back from its run),
+    in the trials' order."""
+    if not finished_runs:
+        return rows
+    by_id = {r["trial_id"]: r for r in rows}
+    folders = folder_names(trials)
+    for trial in trials:
+        run = finished_runs.get(trial.trial_id)
+        if run is None or trial.trial_id in by_id:
+            continue
+        tags, adapter_dir = run.data.tags, out_dir / folders[trial.trial_id] / "adapter"
+        by_id[trial.trial_id] = {
+            "trial_id": trial.trial_id, "name": trial.name, "params": trial.params,
+            "lora_r": trial.spec.r, "lora_alpha": trial.spec.alpha,
+            "learning_rate": trial.spec.learning_rate,
+            "status": tags.get(STATUS_TAG, "finished"),
+            "steps": int(tags[STEPS_TAG]) if STEPS_TAG in tags else None,
+            "eval_loss": run.data.metrics.get(EVAL_LOSS), "reason": None,
+            "run_id": run.info.run_id,
+            "adapter_dir": str(adapter_dir) if adapter_dir.is_dir() else None,
+            "pack_id": tags.get(PACK_TAG), "pack_started": None, "pack_ended": None,
+            "placement": None, "dispatched": False,
+            "restarts": int(tags.get(RESTARTS_TAG, 0)),
+            "oom_splits": int(tags.get(OOM_SPLITS_TAG, 0)),
+        }
+    return [by_id[t.trial_id] for t in trials if t.trial_id in by_id]
+
+
+def counters(tracker: Tracker, trial_id: str) -> dict[str, int]:
+    counts = tracker.counts(trial_id)
+    return {"restarts": counts[RESTARTS_TAG], "oom_splits": counts[OOM_SPLITS_TAG]}
+
+
+def write_summary(path: Path, config: Config, tracker: Tracker, rows: list[dict],
+                   exit_code: int, extra: dict | None = None) -> None:
+    summary = {
+        "sweep": config.sweep.name,
+        "exit_code": exit_code,
+        "experiment": tracker.experiment_name,
+        "tracking_uri": tracker.uri,
+        "parent_run_id": tracker.parent_run_id,
+        **(extra or {}),
+        "trials": rows,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def _json_safe(obj):
+    # A diverged trial's NaN is not JSON; null says "no number" to every reader.
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def folder_names(trials: list[Trial]) -> dict[str, str]:
+    names = [safe_name(t.name or t.trial_id) for t in trials]
+    return {t.trial_id: (n if names.count(n) == 1 else f"{n}-{t.trial_id}")
+            for t, n in zip(trials, names, strict=True)}
+
+
+def folder_for(trial: Trial, folders: dict[str, str]) -> str:
+    """A folder name for a trial proposed during the sweep, unlike those taken already."""
+    name = safe_name(trial.name or trial.trial_id)
+    return name if name not in folders.values() else f"{name}-{trial.trial_id}"
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", name).strip("._") or "sweep"

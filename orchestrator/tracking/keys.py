@@ -1,0 +1,108 @@
+"""Every name this project writes into MLflow: tags, params, metrics, artifact folders.
+
+One place, so the tracker, the registry, the loader, the report and the tests agree (layout in
+`shared/INTERFACE.md`). `trial_params` is a trial's config as MLflow params.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from orchestrator.config.schema import Config
+
+if TYPE_CHECKING:
+    from orchestrator.search.trials import Trial
+
+# Tags
+ROLE_TAG = "qlora.role"
+ROLE_SWEEP = "sweep"
+ROLE_TRIAL = "trial"
+TRIAL_ID_TAG = "qlora.trial_id"
+FAILURE_TAG = "qlora.failure"
+STATUS_TAG = "qlora.status"  # the engine's word: finished | stopped | diverged | failed
+PACK_TAG = "qlora.pack_id"
+NODE_TAG = "qlora.node_id"
+DEVICES_TAG = "qlora.cuda_visible_devices"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+DATA_TAG_PREFIX = "qlora.data."  # + data_hash, n_train, n_eval, n_truncated, n_skipped, ...
+STEPS_TAG = "qlora.steps"  # optimizer steps the trial ran
+RESTARTS_TAG = "qlora.restarts"  # times the trial went again from its checkpoint after a lost worker
+OOM_SPLITS_TAG = "qlora.oom_splits"  # times its pack was split after running out of device memory
+CHECKPOINT_DIR_TAG = "qlora.checkpoint_dir"  # on the parent: where its trials checkpoint
+RESUMES_TAG = "qlora.resumes"  # on the parent: how many times `resume=true` continued it
+# A trial stopped by the search (status FINISHED, qlora.status=stopped): where and why.
+STOPPED_AT_RUNG_TAG = "qlora.stopped_at_rung"  # 1-based rung (sweep.asha.rungs)
+STOPPED_AT_STEP_TAG = "qlora.stopped_at_step"  # the rung's step
+STOP_REASON_TAG = "qlora.stop_reason"
+BEST_TRIAL_TAG = "qlora.best_trial_id"  # on the parent: the trial with the lowest final eval_loss
+BEST_RUN_TAG = "qlora.best_run_id"
+# Model Registry (orchestrator/registry.py): the alias of the best adapter and its lineage tags.
+CHAMPION_ALIAS = "champion"
+LINEAGE_PREFIX = "qlora."  # + base_model, base_revision, quant_type, quant_double_quant,
+#                            quant_compute_dtype, data_hash, code_version, trial_id, eval_loss, ...
+REGISTERED_TAG = "qlora.registered_as"  # on the parent: models:/NAME/VERSION of the best adapter
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+# Metrics
+TRAIN_LOSS = "train_loss"
+EVAL_LOSS = "eval_loss"
+# Artifacts
+ADAPTER_DIR = "adapter"
+REPORT_DIR = "report"  # on the parent: the sweep's plots (orchestrator/report.py)
+
+#: Params whose names are promised as they are; every other setting is `<section>_<key>`.
+PARAM_NAMES = {("lora", "r"): "lora_r", ("lora", "alpha"): "lora_alpha",
+               ("train", "learning_rate"): "learning_rate"}
+TRIAL_SECTIONS = ("model", "data", "quant", "lora", "train")
+FLUSH_INTERVAL_S = 1.0
+MAX_TAG_CHARS = 5000  # MLflow caps tag values at 8000
+BATCH_METRICS = 1000  # MLflow's per-call limits
+BATCH_PARAMS = 100
+_SUCCESS = ("finished", "stopped")
+
+
+def trial_params(trial: Trial) -> dict[str, str]:
+    """Every setting of a trial's config flattened to MLflow params (`lora_r`, `train_max_steps`...)."""
+    cfg = trial.config
+    params: dict[str, str] = {}
+    for section in TRIAL_SECTIONS:
+        for key, value in asdict(getattr(cfg, section)).items():
+            params[PARAM_NAMES.get((section, key), f"{section}_{key}")] = _param_value(value)
+    params["seed"] = _param_value(cfg.seed)
+    params["trial_seed"] = _param_value(trial.spec.seed)
+    return params
+
+
+def sweep_params(config: Config, num_trials: int, extra: dict | None = None) -> dict[str, str]:
+    """The parent run's params: the sweep definition and how it was scheduled."""
+    sweep = config.sweep
+    params = {
+        "sweep_name": sweep.name,
+        "sweep_strategy": sweep.strategy,
+        "sweep_params": json.dumps(sweep.params, sort_keys=True, default=str),
+        "sweep_num_trials": sweep.num_trials,
+        "num_trials": num_trials,
+        "seed": config.seed,
+        "pack_max_adapters": config.pack.max_adapters,
+        "cluster_address": config.cluster.address,
+    }
+    params.update(extra or {})
+    return {k: _param_value(v) for k, v in params.items()}
+
+
+def is_success(status: str) -> bool:
+    """Whether an engine status counts as a trial that did not fail."""
+    return status in _SUCCESS
+
+
+def _param_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return _truncate(str(value))
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= MAX_TAG_CHARS else text[: MAX_TAG_CHARS - 3] + "..."
+

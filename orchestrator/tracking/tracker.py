@@ -1,0 +1,332 @@
+"""MLflow: the one place that names its keys, and the sweep's only writer.
+
+Layout (promised in INTERFACE.md): one experiment; one parent run per sweep (run name = sweep
+name, tag `qlora.role=sweep`, the sweep definition as params); one child run per trial (tags
+`mlflow.parentRunId`, `qlora.role=trial`, `qlora.trial_id`; every setting as a param; metrics
+`train_loss` per step and `eval_loss` per evaluation; the adapter under `adapter/`).
+
+Only the driver writes, and metrics are buffered and sent with `log_batch` at most about once a
+second: one writer keeps SQLite free of lock errors and keeps Ray workers free of MLflow (a run
+opened in another process would also land in the Default experiment unless told otherwise).
+
+Statuses. A child ends FINISHED when its trial finished or was stopped early by the search, and
+FAILED (tag `qlora.failure` says why) when it diverged or failed. The parent mirrors the exit
+code: FINISHED when every trial finished, FAILED (with `qlora.failure` counting the failed
+trials) otherwise, so the runs list flags a sweep that needs a look. If the driver itself raises,
+`Tracker` as a context manager ends every run still RUNNING: KILLED for Ctrl-C, else FAILED.
+
+Resume. MLflow is the sweep's ledger: `find_unfinished_sweep` finds the latest parent of the same
+name that is not FINISHED, and `resume_sweep` continues it in place: a trial whose child run is
+FINISHED is done; every other child is set RUNNING again and logged into (no trial gets a second
+run; the points it already holds are not logged twice); trials new to the sweep get a child.
+Counters on a child: `qlora.restarts` (sent again after a lost worker), `qlora.oom_splits`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from orchestrator.config.schema import Config, TrackingCfg
+from orchestrator.tracking.keys import (
+    ADAPTER_DIR,
+    BATCH_METRICS,
+    BATCH_PARAMS,
+    DATA_TAG_PREFIX,
+    EVAL_LOSS,
+    EXPERIMENT_KIND_TAG,
+    FAILURE_TAG,
+    FLUSH_INTERVAL_S,
+    OOM_SPLITS_TAG,
+    PARENT_TAG,
+    RESTARTS_TAG,
+    RESUMES_TAG,
+    ROLE_SWEEP,
+    ROLE_TAG,
+    ROLE_TRIAL,
+    RUN_NAME_TAG,
+    STATUS_TAG,
+    STEPS_TAG,
+    TRAIN_LOSS,
+    TRIAL_ID_TAG,
+    _truncate,
+    is_success,
+    sweep_params,
+    trial_params,
+)
+
+if TYPE_CHECKING:
+    from orchestrator.search.trials import Trial
+    from qlora import TrialResult
+
+
+class Tracker:
+    """Writes one sweep to MLflow from the driver. Use as a context manager."""
+
+    def __init__(self, tracking: TrackingCfg):
+        """Connect to `tracking.uri` and get or create `tracking.experiment`."""
+        self.uri = tracking.uri
+        self.client = MlflowClient(tracking_uri=tracking.uri)
+        self.experiment_name = tracking.experiment
+        self.experiment_id = self._experiment(tracking)
+        self.parent_run_id: str | None = None
+        self.run_ids: dict[str, str] = {}  # trial_id -> child run id
+        self._open: set[str] = set()  # runs not yet terminated
+        self._buffer: dict[str, list[Metric]] = {}
+        self._last_flush = 0.0
+        self._logged: set[tuple[str, str, int]] = set()  # (trial_id, key, step) already buffered
+        self._counts: dict[tuple[str, str], int] = {}  # (trial_id, counter tag) -> value
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start_sweep(self, config: Config, trials: list[Trial], extra_params: dict | None = None):
+        """Create the parent run and one RUNNING child per trial; returns the parent run id."""
+        parent = self.client.create_run(self.experiment_id, run_name=config.sweep.name,
+                                        tags={ROLE_TAG: ROLE_SWEEP})
+        self.parent_run_id = parent.info.run_id
+        self._open.add(self.parent_run_id)
+        self._log_params(self.parent_run_id, sweep_params(config, len(trials), extra_params))
+        for trial in trials:
+            self._new_child(trial)
+        return self.parent_run_id
+
+    def add_trial(self, trial: Trial) -> None:
+        """A RUNNING child run for a trial proposed after the sweep started (Optuna's rounds)."""
+        self._new_child(trial)
+
+    def find_unfinished_sweep(self, name: str):
+        """The latest parent run named `name` in the experiment that is not FINISHED, or None."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}' and attributes.run_name = '{name}'",
+            order_by=["attributes.start_time DESC"], max_results=1000)
+        return next((r for r in runs if r.info.status != "FINISHED"), None)
+
+    def resume_sweep(self, parent, config: Config, trials: list[Trial],
+                     extra_params: dict | None = None) -> dict:
+        """Continue the sweep of the parent run `parent` with `trials`; returns the FINISHED child
+        runs by trial id (their trials are not to run again).
+
+        The parent and every other child of these trials are set RUNNING again; a child of the
+        parent that is no trial of this sweep and was left RUNNING by a lost driver ends KILLED.
+        """
+        self.parent_run_id = parent_id = parent.info.run_id
+        self.client.update_run(parent_id, status="RUNNING")
+        self._open.add(parent_id)
+        self._forget_end(parent)
+        resumes = int(parent.data.tags.get(RESUMES_TAG, "0")) + 1
+        self._set_tags(parent_id, {RESUMES_TAG: str(resumes)})
+        params = sweep_params(config, len(trials), extra_params)
+        self._log_params(parent_id, {k: v for k, v in params.items() if k not in parent.data.params})
+        children: dict[str, object] = {}
+        others = []
+        for run in self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                order_by=["attributes.start_time ASC"], max_results=50000):
+            tid = run.data.tags.get(TRIAL_ID_TAG)
+            kept = children.get(tid)
+            if tid is None or (kept is not None and kept.info.status == "FINISHED"):
+                others.append(run)
+                continue
+            if kept is not None:
+                others.append(kept)
+            children[tid] = run
+        done = {}
+        for trial in trials:
+            run = children.pop(trial.trial_id, None)
+            if run is None:
+                self._new_child(trial)
+            elif run.info.status == "FINISHED":
+                done[trial.trial_id] = run
+                self.run_ids[trial.trial_id] = run.info.run_id
+            else:
+                self._reopen_child(trial, run)
+        for run in [*others, *children.values()]:
+            if run.info.status == "RUNNING":
+                self._set_tags(run.info.run_id, {
+                    FAILURE_TAG: "orphaned: its driver was lost and resume=true did not continue it"})
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+        return done
+
+    def count(self, trial_id: str, tag: str) -> int:
+        """Add one to a trial's counter tag (`RESTARTS_TAG`, `OOM_SPLITS_TAG`), shown at once."""
+        value = self._counts.get((trial_id, tag), 0) + 1
+        self._counts[(trial_id, tag)] = value
+        self._set_tags(self.run_ids[trial_id], {tag: str(value)})
+        return value
+
+    def counts(self, trial_id: str) -> dict[str, int]:
+        """A trial's counters, those of earlier drivers of a resumed sweep included."""
+        return {tag: self._counts.get((trial_id, tag), 0) for tag in (RESTARTS_TAG, OOM_SPLITS_TAG)}
+
+    def set_sweep_tags(self, tags: dict[str, str]) -> None:
+        """Tags on the parent run."""
+        self._set_tags(self.parent_run_id, tags)
+
+    def log_metrics(self, trial_id: str, step: int, metrics: dict[str, float],
+                    timestamp: float | None = None) -> None:
+        """Buffer a trial's metrics at `step` (sent by `flush`).
+
+        A key already logged at that step is skipped: a trial that continues from a checkpoint
+        reports its steps after the checkpoint again, with the same values.
+        """
+        run_id = self.run_ids[trial_id]
+        ms = int((timestamp or time.time()) * 1000)
+        buf = self._buffer.setdefault(run_id, [])
+        for key, value in metrics.items():
+            if (trial_id, key, int(step)) in self._logged:
+                continue
+            buf.append(Metric(key=key, value=float(value), timestamp=ms, step=int(step)))
+            self._logged.add((trial_id, key, int(step)))
+
+    def flush(self, force: bool = False) -> None:
+        """Send buffered metrics, at most once per `FLUSH_INTERVAL_S` unless `force`."""
+        now = time.monotonic()
+        if not force and now - self._last_flush < FLUSH_INTERVAL_S:
+            return
+        self._last_flush = now
+        buffer, self._buffer = self._buffer, {}
+        for run_id, metrics in buffer.items():
+            for i in range(0, len(metrics), BATCH_METRICS):
+                self.client.log_batch(run_id, metrics=metrics[i:i + BATCH_METRICS])
+
+    def end_trial(self, result: TrialResult, adapter_dir: Path | None = None,
+                  tags: dict[str, str] | None = None) -> None:
+        """Log what the stream missed, the adapter folder (if any), then end the child run.
+
+        Points the stream delivered are not logged twice; the final eval_loss is always present.
+        """
+        trial_id, run_id = result.trial_id, self.run_ids[result.trial_id]
+        for step, loss in enumerate(result.train_losses, 1):
+            self.log_metrics(trial_id, step, {TRAIN_LOSS: loss})
+        history = list(result.eval_history)
+        if result.eval_loss is not None:
+            history.append((result.steps, result.eval_loss))
+        for step, loss in history:
+            self.log_metrics(trial_id, step, {EVAL_LOSS: loss})
+        self.flush(force=True)
+        if adapter_dir is not None:
+            self.client.log_artifacts(run_id, str(adapter_dir), ADAPTER_DIR)
+        run_tags = {STATUS_TAG: result.status, STEPS_TAG: result.steps, **(tags or {})}
+        run_tags.update({DATA_TAG_PREFIX + k: str(v) for k, v in (result.data or {}).items()
+                         if v is not None})
+        if not is_success(result.status):
+            run_tags[FAILURE_TAG] = result.reason or result.status
+        self._set_tags(run_id, run_tags)
+        self._terminate(run_id, "FINISHED" if is_success(result.status) else "FAILED")
+
+    def end_sweep(self, failed: list[str]) -> None:
+        """End every child left open as FAILED, then the parent (FAILED if any trial failed)."""
+        self.flush(force=True)
+        for trial_id, run_id in self.run_ids.items():
+            if run_id in self._open:
+                failed = [*failed, trial_id]
+                self._set_tags(run_id, {FAILURE_TAG: "the sweep ended without a result for it"})
+                self._terminate(run_id, "FAILED")
+        if self.parent_run_id is None:
+            return
+        if failed:
+            self._set_tags(self.parent_run_id, {
+                FAILURE_TAG: f"{len(failed)} of {len(self.run_ids)} trials failed"})
+        self._terminate(self.parent_run_id, "FAILED" if failed else "FINISHED")
+
+    def abort(self, error: BaseException) -> None:
+        """End every open run: KILLED on Ctrl-C, else FAILED, tagged with the driver's error."""
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        why = "interrupted" if status == "KILLED" else f"driver error: {type(error).__name__}: {error}"
+        try:
+            self.flush(force=True)
+        except Exception:
+            pass  # the runs' status matters more than their last second of metrics
+        for run_id in [*self._open]:
+            try:
+                self._set_tags(run_id, {FAILURE_TAG: why})
+                self._terminate(run_id, status)
+            except Exception:
+                pass
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.abort(exc)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _new_child(self, trial: Trial) -> None:
+        run = self.client.create_run(self.experiment_id, tags={
+            PARENT_TAG: self.parent_run_id, ROLE_TAG: ROLE_TRIAL,
+            TRIAL_ID_TAG: trial.trial_id, RUN_NAME_TAG: trial.name,
+        })
+        run_id = run.info.run_id
+        self.run_ids[trial.trial_id] = run_id
+        self._open.add(run_id)
+        self._log_params(run_id, trial_params(trial))
+
+    def _reopen_child(self, trial: Trial, run) -> None:
+        """Log into an unfinished trial's run again, knowing which points it already holds."""
+        run_id, tid = run.info.run_id, trial.trial_id
+        self.client.update_run(run_id, status="RUNNING")
+        self.run_ids[tid] = run_id
+        self._open.add(run_id)
+        self._forget_end(run)
+        params = trial_params(trial)
+        self._log_params(run_id, {k: v for k, v in params.items() if k not in run.data.params})
+        for key in run.data.metrics:
+            for m in self.client.get_metric_history(run_id, key):
+                self._logged.add((tid, key, int(m.step)))
+        for tag in (RESTARTS_TAG, OOM_SPLITS_TAG):
+            if tag in run.data.tags:
+                self._counts[(tid, tag)] = int(run.data.tags[tag])
+
+    def _forget_end(self, run) -> None:
+        # The tags of an earlier end would contradict a run that is RUNNING again.
+        for tag in (FAILURE_TAG, STATUS_TAG):
+            if tag in run.data.tags:
+                self.client.delete_tag(run.info.run_id, tag)
+
+    def _experiment(self, tracking: TrackingCfg) -> str:
+        exp = self.client.get_experiment_by_name(tracking.experiment)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        location = None
+        if _is_local_store(tracking.uri):
+            # Without this a SQLite store puts artifacts under ./mlruns, wherever the UI expects.
+            location = Path(tracking.artifact_location).resolve().as_uri()
+        try:
+            return self.client.create_experiment(
+                tracking.experiment, artifact_location=location,
+                # MLflow 3's UI opens an experiment in its GenAI view unless told it holds
+                # training runs; this tag makes it open on the runs table and loss charts.
+                tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+        except MlflowException:
+            exp = self.client.get_experiment_by_name(tracking.experiment)  # created meanwhile
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), BATCH_PARAMS):
+            self.client.log_batch(run_id, params=items[i:i + BATCH_PARAMS])
+
+    def _set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        items = [RunTag(k, _truncate(str(v))) for k, v in tags.items()]
+        self.client.log_batch(run_id, tags=items)
+
+    def _terminate(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+        self._open.discard(run_id)
+
+
+def _is_local_store(uri: str) -> bool:
+    return urlparse(uri).scheme in ("", "file", "sqlite")

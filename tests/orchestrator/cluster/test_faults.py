@@ -1,0 +1,534 @@
+"""Faults: checkpoints, a lost worker, a lost driver, divergence, out of memory, Ctrl-C.
+
+Three layers of tests, cheapest first:
+
+- the driver's decisions on their own (no Ray): what goes again after a lost worker or an
+  out-of-memory pack, and the ledger's resume in MLflow (SQLite);
+- sweeps in this process on the session's Ray (`ray_session`): a diverging trial among three
+  good ones, and an injected out-of-memory that splits the pack, each against the trials alone;
+- the CLI as a user runs it, in a child process with its own local Ray: `kill -9` of a worker
+  mid-sweep, `kill -9` of the driver then `resume=true`, and Ctrl-C. Each is compared with the
+  same sweep run once without faults in this process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config.errors import ConfigError
+from orchestrator.config.schema import (
+    ClusterCfg,
+    Config,
+    DataCfg,
+    PackCfg,
+    QuantCfg,
+    SweepDef,
+    TrackingCfg,
+    TrainCfg,
+)
+from orchestrator.config.validate import validate
+from orchestrator.search.expand import expand
+from orchestrator.search.trials import trial_id
+from orchestrator.tracking.keys import (
+    EVAL_LOSS,
+    FAILURE_TAG,
+    OOM_SPLITS_TAG,
+    RESTARTS_TAG,
+    ROLE_TAG,
+    TRAIN_LOSS,
+    TRIAL_ID_TAG,
+)
+from orchestrator.tracking.tracker import Tracker
+
+REPO = Path(__file__).resolve().parents[3]
+REL = 1e-4
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def _config(root: Path, name: str, params: dict, *, max_adapters: int, num_workers: int,
+            **train) -> Config:
+    """A small sweep on the tiny model (float32: bf16 matmuls are slow on CPUs)."""
+    settings = dict(learning_rate=2e-3, max_steps=6, seq_len=64, micro_batch_size=2,
+                    eval_every=3, checkpoint_every=2)
+    return Config(
+        quant=QuantCfg(compute_dtype="float32"),
+        train=TrainCfg(**{**settings, **train}),
+        data=DataCfg(max_eval_examples=16),
+        pack=PackCfg(max_adapters=max_adapters),
+        cluster=ClusterCfg(num_workers=num_workers),
+        tracking=TrackingCfg(uri=f"sqlite:///{root}/mlflow.db",
+                             artifact_location=str(root / "mlartifacts")),
+        sweep=SweepDef(name=name, params=params),
+        seed=3,
+        output_dir=str(root / "outputs"),
+    )
+
+
+@dataclass
+class Ledger:
+    """What one tracking store holds about one sweep name: its parents and each trial's runs."""
+
+    parents: list  # mlflow Runs
+    runs: dict  # trial_id -> list of mlflow Runs
+    curves: dict  # trial_id -> {metric: [(step, value)]}, of the trial's last run
+
+
+def _ledger(uri: str, experiment: str = "qlora-sweeps") -> Ledger:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    parents, runs, curves = [], {}, {}
+    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]):
+        if run.data.tags.get(ROLE_TAG) == "sweep":
+            parents.append(run)
+        else:
+            runs.setdefault(run.data.tags[TRIAL_ID_TAG], []).append(run)
+    for tid, found in runs.items():
+        curves[tid] = {key: sorted((m.step, m.value) for m in
+                                   client.get_metric_history(found[-1].info.run_id, key))
+                       for key in (TRAIN_LOSS, EVAL_LOSS)}
+    return Ledger(parents, runs, curves)
+
+
+def _same_curve(mine: list, theirs: list, what: str) -> None:
+    assert [s for s, _ in mine] == [s for s, _ in theirs], what  # also: no step twice
+    for (_, a), (_, b) in zip(mine, theirs, strict=True):
+        assert math.isclose(a, b, rel_tol=REL), (what, mine, theirs)
+
+
+# -- what the driver decides (no Ray) --------------------------------------------------------------
+
+def test_fault_settings_validate_and_leave_the_trial_id_alone(tmp_path):
+    config = validate({"train": {"checkpoint_every": 5, "inject_oom_at_step": 3},
+                       "cluster": {"checkpoint_dir": "/shared/ckpt", "max_retries": 1}})
+    assert (config.train.checkpoint_every, config.train.inject_oom_at_step) == (5, 3)
+    assert config.cluster.checkpoint_dir == "/shared/ckpt"
+    assert validate({}).train.checkpoint_every == 20 and validate({}).cluster.checkpoint_dir is None
+    assert trial_id(config) == trial_id(validate({}))
+    [trial] = expand(config)
+    assert trial.spec.inject_oom_at_step == 3  # reaches the engine
+    for bad, key in [({"train": {"checkpoint_every": -1}}, "train.checkpoint_every"),
+                     ({"train": {"inject_oom_at_step": 0}}, "train.inject_oom_at_step"),
+                     ({"cluster": {"checkpoint_dir": " "}}, "cluster.checkpoint_dir"),
+                     ({"sweep": {"params": {"train.checkpoint_every": [1, 2]}}},
+                      "sweep.params.train.checkpoint_every")]:
+        with pytest.raises(ConfigError) as info:
+            validate(bad)
+        assert info.value.key == key
+
+
+def _trials(n: int, **train):
+    config = _config(Path("/unused"), "unit", {"lora.r": [2 * (k + 1) for k in range(n)]},
+                     max_adapters=n, num_workers=1, **train)
+    return expand(config)
+
+
+def test_out_of_memory_halves_the_pack_and_a_trial_alone_fails_with_advice():
+    from orchestrator.cluster.events import PackOutcome
+    from orchestrator.cluster.faults import after_oom
+    from orchestrator.planner import Pack
+    from qlora import TrialResult
+
+    trials = _trials(4, inject_oom_at_step=3)
+    ids = [t.trial_id for t in trials]
+    done = TrialResult(ids[0], "diverged", 0, None, reason="diverged at step 1: loss is nan")
+    placeholders = [TrialResult(t, "failed", 0, None, reason="pack failed") for t in ids[1:]]
+    outcome = PackOutcome("p", [done, *placeholders], None, 0.0, 1.0, "OutOfMemoryError: x",
+                          oom=True, interrupted=ids[1:])
+    kept, again = after_oom(Pack("p", trials[0].base, trials), outcome)
+    assert kept.results == [done] and kept.retried == ids[1:]  # an ended trial stays ended
+    assert [[t.trial_id for t in p.trials] for p, _ in again] == [ids[1:3], ids[3:]]
+    assert [p.pack_id for p, _ in again] == ["p-a", "p-b"]
+    assert all(ev.cause == "oom" and ev.from_pack == "p" for _, ev in again)
+    pair, [alone] = again[0][0].trials, again[1][0].trials
+    # The injection fires in packs only: it simulates a pack too big for the device.
+    assert all(t.spec.inject_oom_at_step == 3 for t in pair)
+    assert alone.spec.inject_oom_at_step is None and alone.trial_id == ids[3]
+
+    solo = replace(trials[1], base=replace(trials[1].base, gradient_checkpointing=False))
+    outcome = PackOutcome("q", placeholders[:1], None, 0.0, 1.0, "OutOfMemoryError: y", oom=True,
+                          interrupted=[ids[1]])
+    kept, again = after_oom(Pack("q", solo.base, [solo]), outcome)
+    assert again == [] and kept.retried == []
+    [failed] = kept.results
+    assert failed.status == "failed"
+    for hint in ("alone", "train.micro_batch_size", "train.seq_len", "lora.r",
+                 "train.gradient_checkpointing=true", "train.activation_offload=true",
+                 "OutOfMemoryError: y"):
+        assert hint in failed.reason, (hint, failed.reason)
+
+
+def test_a_lost_worker_sends_its_unended_trials_again_until_retries_run_out():
+    import ray
+
+    from orchestrator.cluster.events import TrialEnded
+    from orchestrator.cluster.faults import after_lost_worker
+    from orchestrator.planner import Pack
+
+    trials = _trials(3)
+    ids = [t.trial_id for t in trials]
+    streamed = {ids[0]: TrialEnded("p", ids[0], "diverged", 1, None, "diverged at step 1", 0.0),
+                ids[1]: TrialEnded("p", ids[1], "finished", 6, 2.5, None, 0.0)}
+    error = ray.exceptions.ActorDiedError()
+    restarts: dict = {}
+    pack = Pack("p", trials[0].base, trials)
+    outcome, again = after_lost_worker(pack, error, streamed, restarts, max_retries=1)
+    [diverged] = outcome.results  # streamed before the loss: kept, not run again
+    assert (diverged.trial_id, diverged.status, diverged.reason) == (
+        ids[0], "diverged", "diverged at step 1")
+    # A finished trial whose adapter was lost goes again: its checkpoint returns it at once.
+    [(retry, event)] = again
+    assert [t.trial_id for t in retry.trials] == ids[1:] == outcome.retried == event.trial_ids
+    assert (retry.pack_id, event.cause, restarts) == ("p-r1", "worker_lost", {i: 1 for i in ids[1:]})
+    assert "ActorDiedError" in event.reason
+
+    outcome, again = after_lost_worker(retry, error, {}, restarts, max_retries=1)
+    assert again == [] and outcome.retried == []
+    assert {r.trial_id for r in outcome.results} == set(ids[1:])
+    for r in outcome.results:
+        assert r.status == "failed" and "worker lost: ActorDiedError" in r.reason
+        assert "after 1 restart;" in r.reason and "cluster.max_retries" in r.reason
+
+
+def test_resume_continues_the_latest_unfinished_sweep_in_its_own_runs(tmp_path):
+    from qlora import TrialResult
+
+    config = _config(tmp_path, "ledger", {"lora.r": [2, 4, 8]}, max_adapters=3, num_workers=1)
+    trials = expand(config)
+    ids = [t.trial_id for t in trials]
+    first = Tracker(config.tracking)  # a driver that dies: its runs stay RUNNING
+    first.start_sweep(config, trials)
+    first.log_metrics(ids[0], 1, {TRAIN_LOSS: 2.0})
+    first.end_trial(TrialResult(ids[0], "finished", 1, 1.5, train_losses=[2.0]))
+    for step in (1, 2):
+        first.log_metrics(ids[1], step, {TRAIN_LOSS: 3.0 - step})
+    first.count(ids[1], RESTARTS_TAG)
+    first.flush(force=True)
+    done_before = first.client.get_run(first.run_ids[ids[0]])
+
+    again = Tracker(config.tracking)
+    assert again.find_unfinished_sweep("nope") is None
+    parent = again.find_unfinished_sweep("ledger")
+    assert parent.info.run_id == first.parent_run_id
+    # The sweep changed meanwhile: trial 3 left it, a new trial joined.
+    changed = expand(replace(config, sweep=SweepDef(name="ledger", params={"lora.r": [2, 4, 16]})))
+    finished = again.resume_sweep(parent, config, changed)
+    assert set(finished) == {ids[0]}
+    assert again.run_ids[ids[0]] == first.run_ids[ids[0]]
+    assert again.run_ids[ids[1]] == first.run_ids[ids[1]]  # continues in its own run
+    new_id = changed[2].trial_id
+    assert new_id not in first.run_ids
+    for step in (1, 2, 3):  # steps 1-2 were logged by the lost driver: not twice
+        again.log_metrics(ids[1], step, {TRAIN_LOSS: 3.0 - step})
+    again.count(ids[1], RESTARTS_TAG)
+    again.end_trial(TrialResult(ids[1], "finished", 3, 1.0, train_losses=[2.0, 1.0, 0.0]))
+    again.end_trial(TrialResult(new_id, "finished", 3, 1.0, train_losses=[1.0, 1.0, 1.0]))
+    again.end_sweep([])
+
+    ledger = _ledger(config.tracking.uri)
+    assert len(ledger.parents) == 1 and ledger.parents[0].info.status == "FINISHED"
+    assert ledger.parents[0].data.tags["qlora.resumes"] == "1"
+    assert FAILURE_TAG not in ledger.parents[0].data.tags
+    assert {tid: len(runs) for tid, runs in ledger.runs.items()} == {
+        ids[0]: 1, ids[1]: 1, ids[2]: 1, new_id: 1}
+    assert [s for s, _ in ledger.curves[ids[1]][TRAIN_LOSS]] == [1, 2, 3]
+    resumed = ledger.runs[ids[1]][0]
+    assert resumed.info.status == "FINISHED" and resumed.data.tags[RESTARTS_TAG] == "2"
+    untouched = ledger.runs[ids[0]][0]
+    assert untouched.info.end_time == done_before.info.end_time
+    [orphan] = ledger.runs[ids[2]]  # no longer in the sweep, left RUNNING by the lost driver
+    assert orphan.info.status == "KILLED" and "orphaned" in orphan.data.tags[FAILURE_TAG]
+    assert again.find_unfinished_sweep("ledger") is None
+
+
+def test_the_first_ctrl_c_stops_the_sweep_and_a_second_exits_at_once(monkeypatch):
+    from orchestrator import sweep
+
+    exits = []
+    monkeypatch.setattr(sweep.os, "_exit", exits.append)  # instead of leaving pytest
+    before = signal.getsignal(signal.SIGINT)
+    with sweep._Interrupts():
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # the sweep unwinds: runs KILLED, workers ended
+        signal.raise_signal(signal.SIGINT)  # while it unwinds
+        assert exits == [sweep.INTERRUPTED]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+# -- divergence and out of memory, in this process ---------------------------------------------------
+
+#: Three good trials and one whose alpha makes its first gradient infinite (lr is bounded, alpha not).
+PACK_OF_FOUR = {"lora.r": [8], "lora.alpha": [8.0, 16.0, 32.0, 1e30]}
+BAD_ALPHA = 1e30
+
+
+def _sweep(root: Path, **kwargs) -> tuple[int, Ledger]:
+    from orchestrator.sweep import run_sweep
+
+    config = _config(root, "four", PACK_OF_FOUR, **kwargs)
+    code = run_sweep(config)
+    return code, _ledger(config.tracking.uri)
+
+
+@pytest.fixture(scope="module")
+def alone(ray_session, tmp_path_factory):
+    return _sweep(tmp_path_factory.mktemp("alone"), max_adapters=1, num_workers=2)
+
+
+def _split(ledger: Ledger):
+    good, bad = {}, {}
+    for tid, [run] in ledger.runs.items():  # exactly one run per trial
+        (bad if float(run.data.params["lora_alpha"]) == BAD_ALPHA else good)[tid] = run
+    return good, bad
+
+
+def _matches_alone(ledger: Ledger, alone: Ledger, good: dict) -> None:
+    for tid in good:
+        for key in (TRAIN_LOSS, EVAL_LOSS):
+            _same_curve(ledger.curves[tid][key], alone.curves[tid][key], (tid, key))
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_fails_and_its_three_pack_mates_match_their_runs_alone(
+        alone, tmp_path):
+    code, packed = _sweep(tmp_path, max_adapters=4, num_workers=1)
+    assert code == 1 and alone[0] == 1
+    good, bad = _split(packed)
+    assert len(good) == 3 and len(bad) == 1
+    assert len({r.data.tags["qlora.pack_id"] for r in packed.runs.values() for r in r}) == 1
+    [run] = bad.values()
+    assert run.info.status == "FAILED"
+    assert run.data.tags[FAILURE_TAG].startswith("diverged at step 1: ")
+    assert all(r.info.status == "FINISHED" for r in good.values())
+    _matches_alone(packed, alone[1], good)
+
+
+@pytest.mark.slow
+def test_out_of_memory_splits_the_pack_and_every_trial_still_matches_alone(alone, tmp_path):
+    code, split = _sweep(tmp_path, max_adapters=4, num_workers=1, inject_oom_at_step=3)
+    assert code == 1  # the diverging trial, as alone
+    good, bad = _split(split)
+    [run] = bad.values()
+    assert run.data.tags[FAILURE_TAG].startswith("diverged at step 1: ")  # ended before the OOM
+    assert OOM_SPLITS_TAG not in run.data.tags
+    # 3 trials out of memory at step 3 -> a pair and one alone; the pair again -> two alone.
+    splits = sorted(int(r.data.tags[OOM_SPLITS_TAG]) for r in good.values())
+    assert splits == [1, 2, 2]
+    assert all(r.info.status == "FINISHED" for r in good.values())
+    _matches_alone(split, alone[1], good)
+
+
+# -- the CLI as a user runs it: kill -9 and Ctrl-C ----------------------------------------------------
+
+SWEEP = "faults"
+OVERRIDES = ["sweep=single", f"sweep.name={SWEEP}",
+             "++sweep.params={lora.r: [4, 8], train.learning_rate: [1e-3, 2e-3]}",
+             "train.max_steps=30", "train.seq_len=64", "train.micro_batch_size=2",
+             "data.max_eval_examples=16", "train.eval_every=10", "train.checkpoint_every=5",
+             "seed=5"]
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, tmp_path_factory) -> Ledger:
+    """The CLI's sweep run once without faults, here on the session's Ray."""
+    from orchestrator.config.compose import compose
+    from orchestrator.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("reference")
+    config = validate(compose([*OVERRIDES, f"tracking.uri=sqlite:///{root}/mlflow.db",
+                               f"tracking.artifact_location={root}/mlartifacts",
+                               f"output_dir={root}/outputs", "pack.max_adapters=2",
+                               "cluster.num_workers=2"]))
+    assert run_sweep(config) == 0
+    ledger = _ledger(config.tracking.uri)
+    assert len(ledger.runs) == 4
+    return ledger
+
+
+class Cli:
+    """`python -m orchestrator` in a folder of its own, with its own local Ray."""
+
+    def __init__(self, cwd: Path, *extra: str):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        self.cwd = cwd
+        self.log = open(cwd / f"cli-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *OVERRIDES, *extra],
+                                     cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.family: dict = {}  # pid -> psutil.Process of its Ray processes, seen while it ran
+
+    def wait_for(self, what, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not what():
+            assert self.proc.poll() is None, f"the sweep ended first:\n{self.output()}"
+            assert time.monotonic() < deadline, f"timed out:\n{self.output()}"
+            self._note_family()
+            time.sleep(0.1)
+        self._note_family()
+
+    def pack_workers(self) -> list:
+        import psutil
+
+        found = []
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if child.cmdline()[0].startswith("ray::PackWorker"):
+                    found.append(child)
+            except (psutil.Error, IndexError):
+                pass
+        return found
+
+    def finish(self, timeout: float = 240.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.cleanup()
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-6000:]
+
+    def cleanup(self) -> None:
+        """End what this test started and left behind: the CLI and its Ray processes, by pid."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        import psutil
+
+        for process in self.family.values():
+            try:
+                process.kill()  # psutil checks that the pid was not reused meanwhile
+            except psutil.Error:
+                pass
+
+    def _note_family(self) -> None:
+        import psutil
+
+        try:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                self.family.setdefault(child.pid, child)
+        except psutil.Error:
+            pass
+
+
+def _checkpointed(cwd: Path):
+    return lambda: any((cwd / "outputs" / SWEEP / "checkpoints").glob("*/*/latest"))
+
+
+def _summary(cwd: Path) -> dict:
+    import json
+
+    return json.loads((cwd / "outputs" / SWEEP / "summary.json").read_text())
+
+
+def _matches_reference(ledger: Ledger, reference: Ledger) -> None:
+    assert set(ledger.runs) == set(reference.runs)
+    for tid, runs in ledger.runs.items():
+        assert [r.info.status for r in runs] == ["FINISHED"], tid  # every trial once, finished
+        train = ledger.curves[tid][TRAIN_LOSS]
+        assert [s for s, _ in train] == list(range(1, STEPS + 1)), tid
+        for key in (TRAIN_LOSS, EVAL_LOSS):
+            _same_curve(ledger.curves[tid][key], reference.curves[tid][key], (tid, key))
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_worker_mid_sweep_changes_no_number(reference, tmp_path):
+    cli = Cli(tmp_path, "pack.max_adapters=2", "cluster.num_workers=2")
+    try:
+        cli.wait_for(_checkpointed(tmp_path))  # both packs are past step 5 of 30
+        cli.wait_for(lambda: len(cli.pack_workers()) == 2)
+        cli.pack_workers()[0].kill()  # SIGKILL, as `kill -9`
+        assert cli.finish() == 0, cli.output()
+    finally:
+        cli.cleanup()
+    assert "worker lost" in cli.output()
+    ledger = _ledger(f"sqlite:///{tmp_path}/mlflow.db")
+    _matches_reference(ledger, reference)
+    restarts = {tid: int(runs[0].data.tags.get(RESTARTS_TAG, 0))
+                for tid, runs in ledger.runs.items()}
+    assert sorted(restarts.values()) == [0, 0, 1, 1]  # the killed worker's pack of two
+    rows = {r["trial_id"]: r for r in _summary(tmp_path)["trials"]}
+    assert {tid for tid, n in restarts.items() if n} == {
+        tid for tid, r in rows.items() if r["pack_id"].endswith("-r1")}
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_driver_then_resume_runs_only_what_was_left(reference, tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    one_by_one = ("pack.max_adapters=1", "cluster.num_workers=1")
+    cli = Cli(tmp_path, *one_by_one)
+    try:
+        cli.wait_for(_checkpointed(tmp_path))  # by now the driver has set up the store
+        client = MlflowClient(uri)
+
+        def finished() -> list:
+            try:
+                return client.search_runs(
+                    [client.get_experiment_by_name("qlora-sweeps").experiment_id],
+                    "attributes.status = 'FINISHED'")
+            except Exception:  # the experiment is not created yet
+                return []
+
+        cli.wait_for(finished)
+        os.kill(cli.proc.pid, signal.SIGKILL)
+        cli.proc.wait(30)
+    finally:
+        cli.cleanup()
+    before = {r.data.tags[TRIAL_ID_TAG]: r for r in finished()}
+    assert 1 <= len(before) < 4
+    killed = _ledger(uri)
+    assert [p.info.status for p in killed.parents] == ["RUNNING"]  # as the lost driver left it
+
+    again = Cli(tmp_path, "pack.max_adapters=4", "cluster.num_workers=1", "resume=true")
+    assert again.finish() == 0, again.output()
+    ledger = _ledger(uri)
+    assert [p.info.run_id for p in ledger.parents] == [killed.parents[0].info.run_id]
+    assert ledger.parents[0].info.status == "FINISHED"
+    _matches_reference(ledger, reference)
+    for tid, run in before.items():  # not trained again: same run, same end, one point per step
+        [now] = ledger.runs[tid]
+        assert (now.info.run_id, now.info.end_time) == (run.info.run_id, run.info.end_time)
+    summary = _summary(tmp_path)
+    assert summary["resumed"] is True
+    assert summary["trials_already_finished"] == len(before)
+    assert summary["trials_dispatched"] == 4 - len(before)
+    assert {r["trial_id"] for r in summary["trials"] if not r["dispatched"]} == set(before)
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_runs_killed_and_prints_the_command_that_resumes(tmp_path):
+    cli = Cli(tmp_path, "pack.max_adapters=4", "cluster.num_workers=1")
+    try:
+        cli.wait_for(_checkpointed(tmp_path))
+        cli.proc.send_signal(signal.SIGINT)
+        assert cli.finish(timeout=60) == 130, cli.output()
+    finally:
+        cli.cleanup()
+    out = cli.output()
+    command = " ".join(["python -m orchestrator", *OVERRIDES[:2], f"'{OVERRIDES[2]}'",
+                        *OVERRIDES[3:], "pack.max_adapters=4", "cluster.num_workers=1",
+                        "resume=true"])
+    assert command in out, out
+    assert "Traceback" not in out, out
+    ledger = _ledger(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [p.info.status for p in ledger.parents] == ["KILLED"]
+    assert {runs[0].info.status for runs in ledger.runs.values()} == {"KILLED"}
+    assert all(runs[0].data.tags[FAILURE_TAG] == "interrupted" for runs in ledger.runs.values())
+    # The checkpoints a resume needs are on disk, under the parent run's own folder.
+    parent_id = ledger.parents[0].info.run_id
+    assert any((tmp_path / "outputs" / SWEEP / "checkpoints" / parent_id).glob("*/latest"))

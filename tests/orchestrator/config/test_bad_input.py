@@ -1,0 +1,170 @@
+"""Bad input ends in one line, `error: <key or file>: ...`, exit status 2, before anything starts.
+
+Each case runs the real CLI in a fresh folder and checks: status 2, exactly one non-empty stderr
+line starting with `error:` that names the key or the file, no traceback anywhere, and no
+`mlflow.db` or `outputs/` left behind (nothing was started).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config.errors import ConfigError
+from orchestrator.config.validate import validate
+
+REPO = Path(__file__).resolve().parents[3]
+GOOD_ROW = '{"instruction": "Say hi.", "input": "", "output": "hi"}\n'
+
+
+def _files(folder: Path) -> None:
+    """The data files and folders the cases below point at."""
+    (folder / "empty.jsonl").write_text("")
+    (folder / "malformed.jsonl").write_text(GOOD_ROW + '{"instruction": "x", "output": \n')
+    (folder / "good.jsonl").write_text(GOOD_ROW * 4)
+    (folder / "not_a_model").mkdir()
+
+
+# (id, overrides, what the error line must name)
+CASES = [
+    ("unknown-sweep", ["sweep=nope"], "sweep: unknown sweep 'nope'; available: alpha_grid"),
+    ("unknown-model-option", ["model=nope"], "model: unknown model 'nope'"),
+    ("unknown-data-option", ["data=mine.jsonl"], "data: unknown dataset 'mine.jsonl'"),
+    ("unknown-key", ["lora.foo=1"], "lora.foo: unknown key; known keys under lora: r, alpha"),
+    ("unknown-key-added", ["+train.lr=1"], "train.lr: unknown key"),
+    ("unparsable-override", ["lora.r=[4,8"], "lora.r: cannot parse"),
+    ("not-an-override", ["lora.r"], "lora.r: cannot parse"),
+    ("lora.r=0", ["lora.r=0"], "lora.r: must be an integer in 1..1024, got 0"),
+    ("lora.r=abc", ["lora.r=abc"], "lora.r: must be an integer in 1..1024, got 'abc'"),
+    ("lora.alpha=-1", ["lora.alpha=-1"], "lora.alpha: must be a number > 0"),
+    ("lora.dropout=1.5", ["lora.dropout=1.5"], "lora.dropout: must be a number in [0, 1)"),
+    ("lr=0", ["train.learning_rate=0"], "train.learning_rate: must be a number in (0, 1]"),
+    ("lr=5", ["train.learning_rate=5"], "train.learning_rate: must be a number in (0, 1]"),
+    ("max_steps=0", ["train.max_steps=0"], "train.max_steps: must be an integer in 1..10000000"),
+    ("seq_len=4", ["train.seq_len=4"], "train.seq_len: must be an integer in 8..131072"),
+    ("quant.type=int3", ["quant.type=int3"], "quant.type: must be one of nf4, fp4, int8, none"),
+    ("compute_dtype=float8", ["quant.compute_dtype=float8"], "quant.compute_dtype: must be one of"),
+    ("optimizer=sgd", ["train.optimizer=sgd"], "train.optimizer: must be one of paged_adamw_32bit"),
+    ("lr_schedule=bogus", ["train.lr_schedule=bogus"], "train.lr_schedule: must be one of cosine"),
+    ("max_adapters=0", ["pack.max_adapters=0"], "pack.max_adapters: must be an integer in 1..64"),
+    ("bool-typo", ["resume=yes-please"], "resume: must be true or false"),
+    ("swept-value", ["sweep=rank_grid", "++sweep.params={lora.r: [4, 0]}"],
+     "sweep.params.lora.r: must be an integer in 1..1024, got 0"),
+    ("swept-base-key", ["++sweep.params={quant.type: [nf4, fp4]}"],
+     "sweep.params.quant.type: not a per-trial key"),
+    ("random-range-reversed", ["sweep=random", "++sweep.params={lora.alpha: {low: 64, high: 8}}"],
+     "sweep.params.lora.alpha: low must be <= high"),
+    ("missing-data-file", ["data.path=missing.jsonl"], "data.path: missing.jsonl: no such file"),
+    ("empty-data-file", ["data.path=empty.jsonl"], "data.path: empty.jsonl: file is empty"),
+    ("malformed-data-file", ["data.path=malformed.jsonl"], "data.path: malformed.jsonl: line 2:"),
+    ("missing-eval-file", ["data.path=good.jsonl", "data.eval_path=nope.jsonl"],
+     "data.eval_path: nope.jsonl: no such file"),
+    ("custom-data-without-path", ["data=custom"], "data.path: required"),
+    ("missing-model-folder", ["model.name_or_path=./no_such_model"],
+     "model.name_or_path: ./no_such_model: no such folder"),
+    ("model-folder-without-config", ["model.name_or_path=not_a_model"],
+     "model.name_or_path: not_a_model: the folder has no config.json"),
+    ("hub-model-offline", ["model.name_or_path=nobody/no-such-model"],
+     "model.name_or_path: 'nobody/no-such-model' is not a local folder"),
+    ("tracking-unreachable", ["tracking.uri=http://127.0.0.1:9"],
+     "tracking.uri: cannot reach the MLflow server at http://127.0.0.1:9"),
+    ("tracking-file-store", ["tracking.uri=file:./mlruns"],
+     "tracking.uri: 'file:./mlruns' is a file store, which MLflow 3 refuses; use sqlite:///"),
+    ("ray-unreachable", ["cluster.address=ray://127.0.0.1:9"],
+     "cluster.address: cannot reach the Ray cluster at ray://127.0.0.1:9"),
+    ("ray-auto-no-cluster", ["cluster.address=auto"],
+     "cluster.address: auto: no running Ray cluster was found"),
+]
+
+
+def _run(folder: Path, overrides: list[str]) -> tuple[Path, subprocess.CompletedProcess]:
+    _files(folder)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    # TMPDIR: where `ray start` would have left a cluster's address; here, nowhere
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
+               TMPDIR=str(folder), HF_HUB_CACHE=str(folder / "hf"))
+    result = subprocess.run([sys.executable, "-m", "orchestrator", *overrides], cwd=folder,
+                            env=env, capture_output=True, text=True, timeout=60)
+    return folder, result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Every case's CLI run, a few at a time: each is a separate ~0.5 s interpreter start."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {
+            name: pool.submit(_run, tmp_path_factory.mktemp(name.replace("=", "_")), overrides)
+            for name, overrides, _ in CASES
+        }
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.parametrize(("name", "expected"), [(c[0], c[2]) for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_status_2(runs, name, expected):
+    folder, result = runs[name]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (folder / "mlflow.db").exists()
+    assert not (folder / "outputs").exists()
+
+
+@pytest.mark.parametrize(("data", "key"), [
+    ({"sweep": {"strategy": "random", "params": {"lora.r": [4]}}}, "sweep.num_trials"),
+    ({"sweep": {"strategy": "grid", "params": {"lora.r": {"low": 1, "high": 4}}}},
+     "sweep.params.lora.r"),
+    ({"sweep": {"strategy": "random", "num_trials": 2,
+                "params": {"train.learning_rate": {"low": 0.0, "high": 1e-3, "log": True}}}},
+     "sweep.params.train.learning_rate.low"),
+    ({"sweep": {"strategy": "random", "num_trials": 2,
+                "params": {"lora.r": {"low": 1, "high": 8, "type": "float"}}}},
+     "sweep.params.lora.r.type"),
+    ({"sweep": {"strategy": "random", "num_trials": 2, "params": {"lora.r": {"low": 1}}}},
+     "sweep.params.lora.r"),
+    ({"sweep": {"params": {"lora.r": 8}}}, "sweep.params.lora.r"),
+    ({"sweep": {"params": {"train.gradient_checkpointing": [True, False]}}},
+     "sweep.params.train.gradient_checkpointing"),
+    ({"sweep": {"name": "my sweep"}}, "sweep.name"),
+    ({"sweep": {"strategy": "bayes"}}, "sweep.strategy"),
+    ({"cluster": {"gpus_per_worker": -1}}, "cluster.gpus_per_worker"),
+    ({"cluster": {"address": "ray://host:99999"}}, "cluster.address"),
+    ({"tracking": {"uri": "sqlite://mlflow.db"}}, "tracking.uri"),
+    ({"tracking": {"uri": "ftp://x"}}, "tracking.uri"),
+    ({"data": {"format": "xml"}}, "data.format"),
+    ({"data": {"packing": "yes"}}, "data.packing"),
+    ({"data": {"eval_fraction": 1.0}}, "data.eval_fraction"),
+    ({"lora": {"target_modules": []}}, "lora.target_modules"),
+    ({"lora": 5}, "lora"),
+    ({"train": {"learning_rate": float("nan")}}, "train.learning_rate"),
+    ({"seed": -1}, "seed"),
+    ({"seed": True}, "seed"),
+    ({"lora": {"r": 2000}}, "lora.r"),
+    ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size"),
+    ({"train": {"eval_every": -1}}, "train.eval_every"),
+    ({"cluster": {"num_workers": 0}}, "cluster.num_workers"),
+    ({"cluster": {"max_retries": -1}}, "cluster.max_retries"),
+    ({"tracking": {"uri": "./mlruns"}}, "tracking.uri"),
+    ({"cluster": {"address": "127.0.0.1"}}, "cluster.address"),
+    ({"foo": 1}, "foo"),
+])
+def test_validate_names_the_key(data, key):
+    with pytest.raises(ConfigError) as info:
+        validate(data)
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")
+    assert "\n" not in str(info.value)
+
+
+def test_validate_accepts_nested_sweep_params_and_defaults():
+    config = validate({"sweep": {"params": {"lora": {"r": [4, 8]}, "train.learning_rate": [1e-4]}}})
+    assert config.sweep.params == {"lora.r": [4, 8], "train.learning_rate": [1e-4]}
+    assert validate({}).lora.r == 16

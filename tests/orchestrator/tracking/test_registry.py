@@ -1,0 +1,118 @@
+"""The best adapter registered as `models:/best@champion`, and loaded back on the right base."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import tiny_sweeps
+
+from orchestrator.finish import best_row
+from orchestrator.load import LoadError, base_spec, resolve
+from orchestrator.tracking.keys import CHAMPION_ALIAS, DATA_TAG_PREFIX, REGISTERED_TAG
+
+NAME = tiny_sweeps.REGISTERED
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.slow
+def test_the_best_trial_is_registered_with_its_lineage(optuna_run):
+    run = optuna_run
+    client = run.client
+    best = best_row(run.summary["trials"])
+    version = client.get_model_version_by_alias(NAME, CHAMPION_ALIAS)
+    assert version.run_id == best["run_id"]
+    assert version.source.endswith("/adapter")
+    assert run.summary["search"]["registered"]["uri"] == f"models:/{NAME}@{CHAMPION_ALIAS}"
+    assert run.parent.data.tags[REGISTERED_TAG] == f"models:/{NAME}/{version.version}"
+    tags = version.tags
+    child = client.get_run(best["run_id"])
+    assert tags["qlora.base_model"] == "tiny"
+    assert tags["qlora.quant_type"] == "nf4" and tags["qlora.quant_double_quant"] == "True"
+    assert tags["qlora.quant_compute_dtype"] == "float32"
+    assert tags["qlora.data_hash"] == child.data.tags[DATA_TAG_PREFIX + "data_hash"]
+    assert tags["qlora.code_version"].startswith(("git:", "qlora-orchestrator=="))
+    assert tags["qlora.trial_id"] == best["trial_id"]
+    assert float(tags["qlora.eval_loss"]) == pytest.approx(best["eval_loss"], rel=1e-5)
+    spec = base_spec({k[len("qlora."):]: v for k, v in tags.items()})
+    assert (spec.name_or_path, spec.quant_type, spec.double_quant, spec.compute_dtype,
+            spec.revision) == ("tiny", "nf4", True, "float32", None)
+
+
+@pytest.mark.slow
+def test_champion_loads_and_generates_with_the_best_adapter(optuna_run, tmp_path):
+    """`models:/best@champion` -> a PeftModel whose weights are the best trial's and whose logits
+    are the engine's for that adapter; it generates."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from orchestrator.load import generate, load_adapter
+    from qlora import BaseSpec, TrialSpec, load_base
+    from qlora.adapters import inject, load_adapter_state, remove
+    from qlora.export import PEFT_PREFIX
+    from qlora.train import adapter_logits
+
+    best = best_row(optuna_run.summary["trials"])
+    loaded = load_adapter(f"models:/{NAME}@{CHAMPION_ALIAS}", optuna_run.config.tracking.uri,
+                          device="cpu", dst=tmp_path / "download")
+    assert loaded.run_id == best["run_id"]
+    saved = load_file(str(Path(best["adapter_dir"]) / "adapter_model.safetensors"))
+    ours = get_peft_model_state_dict(loaded.model)
+    assert saved.keys() == ours.keys() and saved
+    for key, tensor in saved.items():
+        torch.testing.assert_close(ours[key].float(), tensor.float())
+
+    # The engine, on a base built from the same lineage, with the same weights: the same logits.
+    engine = load_base(BaseSpec(name_or_path="tiny", compute_dtype="float32"), "cpu")
+    trial = TrialSpec(trial_id="champion", r=best["lora_r"], alpha=best["lora_alpha"])
+    inject(engine, "champion", trial)
+    load_adapter_state(engine, "champion", {k[len(PEFT_PREFIX):]: v for k, v in saved.items()})
+    ids = torch.randint(4, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    expected = adapter_logits(engine, "champion", ids).float()
+    remove(engine, "champion")
+    with torch.no_grad():
+        got = loaded.model(input_ids=ids).logits.float()
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+
+    text = generate(loaded, "### Instruction:\nReverse the string.\n\n### Input:\nabc\n\n"
+                            "### Response:\n", max_new_tokens=6)
+    assert isinstance(text, str)
+    out = loaded.model.generate(**loaded.tokenizer("abc", return_tensors="pt"), max_new_tokens=6,
+                                do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id)
+    assert out.shape[1] > 3  # it generated new tokens
+
+
+def test_references_are_checked():
+    class NoClient:
+        def get_run(self, run_id):
+            raise AssertionError("not reached")
+
+    for bad in ("models:/best", "not-a-run-id", "runs:/xyz/adapter"):
+        with pytest.raises(LoadError):
+            resolve(NoClient(), bad)
+
+
+@pytest.mark.slow
+def test_load_cli_prints_the_generated_text(optuna_run):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.load", f"models:/{NAME}@{CHAMPION_ALIAS}",
+         "--tracking-uri", optuna_run.config.tracking.uri, "--instruction", "Reverse the string.",
+         "--input", "abc", "--max-new-tokens", "4", "--device", "cpu"],
+        capture_output=True, text=True, timeout=180, cwd=optuna_run.root, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{NAME} version 1" in done.stderr
+    assert done.stdout.endswith("\n")  # the generated text (a tiny model's: maybe blank) alone
+
+
+def test_load_cli_says_what_is_missing(optuna_run, capsys):
+    from orchestrator.load import main
+
+    assert main(["models:/nobody@champion", "--tracking-uri", optuna_run.config.tracking.uri,
+                 "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: models:/nobody@champion: ")

@@ -1,0 +1,92 @@
+"""Tiny real sweeps for the search tests: the tiny model, a few steps, real Ray and MLflow (SQLite).
+
+`run(root, sweep, ...)` runs `run_sweep` and returns what the tests read back: the exit code,
+the summary, the parent run and the trial runs by trial id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from orchestrator.config.schema import (
+    ClusterCfg,
+    Config,
+    DataCfg,
+    OptunaCfg,
+    PackCfg,
+    QuantCfg,
+    SweepDef,
+    TrackingCfg,
+    TrainCfg,
+)
+from orchestrator.tracking.keys import ROLE_TAG, TRIAL_ID_TAG
+
+MAX_STEPS = 8
+SEED = 7
+#: 6 trials whose eval losses spread well after 2 and 4 steps (the learning rate dominates).
+SPACE = {"lora.r": [4, 8], "train.learning_rate": [1e-4, 1e-3, 3e-3]}
+#: The Optuna sweep: 2 rounds of 2 proposals on one worker with 2 slots.
+OPTUNA_SPACE = {"lora.r": [4, 8],
+                "lora.alpha": {"low": 8.0, "high": 64.0, "log": True, "type": "int"},
+                "train.learning_rate": {"low": 1e-4, "high": 5e-3, "log": True, "type": "float"}}
+REGISTERED = "best"
+
+
+def config(root: Path, sweep: SweepDef, *, max_adapters: int = 2, num_workers: int = 1,
+           register_as: str | None = None) -> Config:
+    """A sweep config writing everything under `root`."""
+    return Config(
+        train=TrainCfg(max_steps=MAX_STEPS, seq_len=64, micro_batch_size=2, eval_every=4),
+        data=DataCfg(max_eval_examples=16),
+        quant=QuantCfg(compute_dtype="float32"),  # as model=tiny sets: bf16 is slow on CPUs
+        pack=PackCfg(max_adapters=max_adapters),
+        cluster=ClusterCfg(num_workers=num_workers),
+        tracking=TrackingCfg(uri=f"sqlite:///{root}/mlflow.db",
+                             artifact_location=str(root / "mlartifacts"), register_as=register_as),
+        sweep=sweep, seed=SEED, output_dir=str(root / "outputs"),
+    )
+
+
+def asha_sweep() -> SweepDef:
+    sweep = SweepDef(name="asha_t", params=dict(SPACE), scheduler="asha")
+    sweep.asha = dataclasses.replace(sweep.asha, rungs=[0.25, 0.5], eta=2.0)
+    return sweep
+
+
+def optuna_sweep() -> SweepDef:
+    return SweepDef(name="optuna_t", strategy="optuna", num_trials=4, params=dict(OPTUNA_SPACE),
+                    optuna=OptunaCfg(startup_trials=2, batch_size=2))
+
+
+@dataclasses.dataclass
+class SweepRun:
+    exit_code: int
+    root: Path
+    config: Config
+    client: object  # MlflowClient
+    parent: object  # mlflow Run
+    children: dict  # trial_id -> mlflow Run
+    summary: dict
+
+    def rows(self) -> dict:
+        return {r["trial_id"]: r for r in self.summary["trials"]}
+
+
+def run(root: Path, cfg: Config) -> SweepRun:
+    """`run_sweep(cfg)` and what it left in MLflow and in its summary."""
+    from mlflow import MlflowClient
+
+    from orchestrator.config.validate import validate
+    from orchestrator.sweep import run_sweep
+
+    cfg = validate(dataclasses.asdict(cfg))  # normalized sweep params, as from the command line
+    exit_code = run_sweep(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]
+    children = {r.data.tags[TRIAL_ID_TAG]: r for r in runs if r.data.tags.get(ROLE_TAG) == "trial"}
+    summary = json.loads((root / "outputs" / cfg.sweep.name / "summary.json").read_text())
+    return SweepRun(exit_code, root, cfg, client, parent, children, summary)
