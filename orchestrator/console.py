@@ -17,6 +17,8 @@ from rich.console import Console as RichConsole
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from qlora.config import TrialStatus
+
 if TYPE_CHECKING:
     from orchestrator.cluster.events import Placement
     from orchestrator.search.trials import Trial
@@ -101,7 +103,7 @@ class Console:
             self._progress.update(self._tasks[trial_id], state=status)
             self._progress.stop_task(self._tasks[trial_id])
         text = f"{self._name(trial_id)}  {status} after {steps} steps  {loss}".rstrip()
-        self.print(text + (f"  ({reason})" if reason and status != "finished" else ""))
+        self.print(text + (f"  ({reason})" if reason and status != TrialStatus.FINISHED else ""))
 
     def close(self) -> None:
         """Stop the live display (safe to call twice)."""
@@ -117,7 +119,7 @@ class Console:
         """
         self.close()
         ranked = sorted(rows, key=_rank_key)
-        failed = [r for r in rows if r["status"] not in ("finished", "stopped")]
+        failed = [r for r in rows if not TrialStatus(r["status"]).succeeded]
         table = Table(title=f"sweep {sweep_name}: {len(rows) - len(failed)} of {len(rows)} "
                             "trials finished", box=box.SIMPLE_HEAD, title_justify="left")
         for col, justify in (("#", "right"), ("trial", "left"), ("rank", "right"),
@@ -143,7 +145,7 @@ class Console:
 
 
 def _rank_key(row: dict):
-    ok = row["status"] in ("finished", "stopped") and row.get("eval_loss") is not None
+    ok = TrialStatus(row["status"]).succeeded and row.get("eval_loss") is not None
     loss = row.get("eval_loss")
     return (not ok, loss if ok and math.isfinite(loss) else math.inf, row["name"])
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from orchestrator.config.schema import Config
 from orchestrator.tracking.keys import BEST_RUN_TAG, BEST_TRIAL_TAG, CHAMPION_ALIAS, REGISTERED_TAG
 from orchestrator.tracking.tracker import Tracker
+from qlora.config import TrialStatus
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Finish:
 
 def best_row(rows: list[dict]) -> dict | None:
     """The finished trial with the lowest final eval_loss (None if no trial finished)."""
-    done = [r for r in rows if r.get("status") == "finished" and r.get("eval_loss") is not None
+    done = [r for r in rows if r.get("status") == TrialStatus.FINISHED and r.get("eval_loss") is not None
             and math.isfinite(r["eval_loss"])]
     return min(done, key=lambda r: (r["eval_loss"], r["name"]), default=None)
 
@@ -46,7 +47,7 @@ def figures(rows: list[dict], trials) -> dict:
     best = best_row(rows)
     return {
         "num_trials": len(trials),
-        "stopped_early": sum(r.get("status") == "stopped" for r in rows),
+        "stopped_early": sum(r.get("status") == TrialStatus.STOPPED for r in rows),
         "training_steps": steps,
         "training_steps_if_all_ran": full,
         "steps_ratio": steps / full if full else None,

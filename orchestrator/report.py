@@ -32,6 +32,7 @@ from orchestrator.tracking.keys import (
     STATUS_TAG,
     TRAIN_LOSS,
 )
+from qlora.config import TrialStatus
 
 LOSS_CURVES = "loss_curves.png"
 EVAL_VS_PARAMS = "eval_vs_params.png"
@@ -110,7 +111,7 @@ def plot_loss_curves(trials: list[TrialCurves], path: Path, title: str) -> Path:
     axes = fig.subplots(1, 2)
     colors = _colors(len(trials))
     for trial, color in zip(trials, colors, strict=True):
-        style = "--" if trial.status == "stopped" else "-"
+        style = "--" if trial.status == TrialStatus.STOPPED else "-"
         for ax, points in ((axes[0], trial.train), (axes[1], trial.eval)):
             points = [(s, v) for s, v in points if math.isfinite(v)]
             if not points:
@@ -119,7 +120,7 @@ def plot_loss_curves(trials: list[TrialCurves], path: Path, title: str) -> Path:
             marker = "o" if ax is axes[1] else None
             ax.plot(steps, values, style, color=color, marker=marker, markersize=3, linewidth=1.2,
                     label=trial.name if ax is axes[1] else None)
-            if trial.status == "stopped":
+            if trial.status == TrialStatus.STOPPED:
                 ax.plot(steps[-1], values[-1], "x", color=color, markersize=7)
     for ax, what in zip(axes, (TRAIN_LOSS, EVAL_LOSS), strict=True):
         ax.set_xlabel("optimizer step")
@@ -128,7 +129,7 @@ def plot_loss_curves(trials: list[TrialCurves], path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
     if 0 < len(trials) <= 24:
         axes[1].legend(fontsize=7, loc="upper right", ncol=1 if len(trials) <= 12 else 2)
-    stopped = sum(t.status == "stopped" for t in trials)
+    stopped = sum(t.status == TrialStatus.STOPPED for t in trials)
     fig.suptitle(title + (f"  ({stopped} stopped early: dashed, x)" if stopped else ""))
     return _save(fig, path)
 
@@ -138,13 +139,13 @@ def plot_eval_vs_params(trials: list[TrialCurves], path: Path, title: str) -> Pa
     fig = _figure(15, 4.6)
     axes = fig.subplots(1, 3, sharey=True)
     scored = [t for t in trials if t.final_eval is not None]
-    finished = [t for t in scored if t.status == "finished"]
+    finished = [t for t in scored if t.status == TrialStatus.FINISHED]
     best = min(finished or scored, key=lambda t: t.final_eval, default=None)
     for ax, (key, label, base) in zip(axes, _AXES, strict=True):
         for group, kwargs in (
-            ([t for t in scored if t.status != "stopped"],
+            ([t for t in scored if t.status != TrialStatus.STOPPED],
              dict(marker="o", color="tab:blue", label="finished")),
-            ([t for t in scored if t.status == "stopped"],
+            ([t for t in scored if t.status == TrialStatus.STOPPED],
              dict(marker="o", facecolors="none", edgecolors="tab:orange",
                   label="stopped (its last eval)")),
         ):

@@ -34,6 +34,7 @@ from orchestrator.tracking.keys import (
 )
 from orchestrator.tracking.tracker import Tracker
 from qlora import TrialResult, write_adapter
+from qlora.config import TrialStatus
 
 
 def record_trial(trial: Trial, result: TrialResult, outcome: PackOutcome, tracker: Tracker,
@@ -52,7 +53,7 @@ def record_trial(trial: Trial, result: TrialResult, outcome: PackOutcome, tracke
         tags[NODE_TAG] = placement.node_id
         if placement.cuda_visible_devices is not None:
             tags[DEVICES_TAG] = placement.cuda_visible_devices
-    if stop is not None and result.status == "stopped":
+    if stop is not None and result.status == TrialStatus.STOPPED:
         tags.update({STOPPED_AT_RUNG_TAG: str(stop.rung), STOPPED_AT_STEP_TAG: str(stop.step),
                      STOP_REASON_TAG: stop.reason})
     tracker.end_trial(result, adapter_dir, tags)
@@ -97,7 +98,7 @@ def with_finished(rows: list[dict], trials: list[Trial], finished_runs: dict,
             "trial_id": trial.trial_id, "name": trial.name, "params": trial.params,
             "lora_r": trial.spec.r, "lora_alpha": trial.spec.alpha,
             "learning_rate": trial.spec.learning_rate,
-            "status": tags.get(STATUS_TAG, "finished"),
+            "status": TrialStatus(tags.get(STATUS_TAG, TrialStatus.FINISHED)),
             "steps": int(tags[STEPS_TAG]) if STEPS_TAG in tags else None,
             "eval_loss": run.data.metrics.get(EVAL_LOSS), "reason": None,
             "run_id": run.info.run_id,

@@ -65,9 +65,9 @@ from orchestrator.tracking.keys import (
     CHECKPOINT_DIR_TAG,
     OOM_SPLITS_TAG,
     RESTARTS_TAG,
-    is_success,
 )
 from orchestrator.tracking.tracker import Tracker
+from qlora.config import TrialStatus
 
 SUMMARY_FILE = "summary.json"
 INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C
@@ -121,7 +121,7 @@ def run_sweep(config: Config) -> int:
                                 max_retries=config.cluster.max_retries)
                     rows = with_finished(rows, trials, finished_runs, out_dir)
                     done = {r["trial_id"] for r in rows}
-                    failed = [r["trial_id"] for r in rows if not is_success(r["status"])]
+                    failed = [r["trial_id"] for r in rows if not TrialStatus(r["status"]).succeeded]
                     failed += [t.trial_id for t in trials if t.trial_id not in done]  # never reported
                     finished = finish_sweep(config, tracker, rows, trials, out_dir)
                     tracker.end_sweep(failed)
@@ -255,7 +255,7 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
                     if ev.trial_id not in announced:  # a retried pack reports a trial again
                         announced.add(ev.trial_id)
                         stop = (search.stop_of(ev.trial_id)
-                                if search is not None and ev.status == "stopped" else None)
+                                if search is not None and ev.status == TrialStatus.STOPPED else None)
                         console.trial_ended(ev.trial_id, ev.status, ev.steps, ev.eval_loss,
                                             stop.reason if stop is not None else ev.reason)
                 elif isinstance(ev, PackRetried):

@@ -16,7 +16,8 @@ from importlib import import_module
 
 _EXPORTS = {
     "Base": "base", "load_base": "base",
-    "BaseSpec": "config", "DataSpec": "config", "TrialSpec": "config", "stable_hash": "config",
+    "BaseSpec": "config", "DataSpec": "config", "TrialSpec": "config", "TrialStatus": "config",
+    "stable_hash": "config",
     "adapter_files": "export", "write_adapter": "export",
     "MemoryEstimate": "memory", "estimate_memory": "memory",
     "TrialResult": "train", "adapter_logits": "train", "evaluate": "train", "train_pack": "train",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
 QUANT_TYPES = ("nf4", "fp4", "int8", "none")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
@@ -27,6 +28,23 @@ DATA_PACKING = ("none", "pack")
 TINY = "tiny"
 #: Label of tokens that take no loss (prompt, padding): PyTorch's cross-entropy ignore_index.
 IGNORE = -100
+
+
+class TrialStatus(str, Enum):
+    """How a trial ended. A str, so it compares, prints and serializes as its value."""
+
+    FINISHED = "finished"  # ran to max_steps
+    STOPPED = "stopped"  # stopped early by the search (ASHA, Optuna pruning): a valid result
+    DIVERGED = "diverged"  # its loss or gradient norm became NaN/inf
+    FAILED = "failed"  # an error, a lost worker past its retries, out of memory alone
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def succeeded(self) -> bool:
+        """A result to compare and keep (its adapter is exported): finished or stopped early."""
+        return self in (TrialStatus.FINISHED, TrialStatus.STOPPED)
 
 
 def stable_hash(obj: object, length: int = 12) -> str:

@@ -36,7 +36,7 @@ from torch.profiler import record_function
 from . import checkpoint
 from .adapters import adapter_state, inject, load_adapter_state, remove, routing_of
 from .base import Base
-from .config import DataSpec, TrialSpec
+from .config import DataSpec, TrialSpec, TrialStatus
 from .export import adapter_files
 from .layer import Segment
 from .optim import build_optimizer, clip_, grad_norm, lr_at
@@ -52,7 +52,7 @@ class TrialResult:
     """How a trial ended. `adapter` holds its PEFT files for finished (and early-stopped) trials."""
 
     trial_id: str
-    status: str  # finished | diverged | stopped | failed
+    status: TrialStatus
     steps: int
     eval_loss: float | None
     train_losses: list[float] = field(default_factory=list)
@@ -173,14 +173,14 @@ def _restore(base: Base, slot: _Slot, adapter: dict, optimizer_state: dict, stat
     slot.train_losses = list(state["train_losses"])
     slot.eval_history = [tuple(e) for e in state["eval_history"]]
     if state.get("status"):
-        _end(slot, state["status"], state.get("reason"))
+        _end(slot, TrialStatus(state["status"]), state.get("reason"))
 
 
 def _maybe_checkpoint(base: Base, slot: _Slot, root, every: int) -> None:
     """Checkpoint after a step's evaluations, every `every` steps and when the trial ends."""
     if slot.step == slot.saved_step and not slot.done:
         return
-    ended_well = slot.done and slot.result.status in ("finished", "stopped")
+    ended_well = slot.done and slot.result.status.succeeded
     if not (ended_well or (every and slot.step % every == 0 and not slot.done)):
         return
     state = {"trial_id": slot.spec.trial_id, "step": slot.step, "micro": slot.micro,
@@ -194,7 +194,7 @@ def _maybe_checkpoint(base: Base, slot: _Slot, root, every: int) -> None:
 
 def _close_slot(base: Base, slot: _Slot, results: list, on_trial_end) -> None:
     result = slot.result
-    if result.status in ("finished", "stopped"):
+    if result.status.succeeded:
         result.adapter = adapter_files(base, slot.key, slot.spec)
     remove(base, slot.key)
     slot.closed = True
@@ -205,7 +205,7 @@ def _close_slot(base: Base, slot: _Slot, results: list, on_trial_end) -> None:
         on_trial_end(result)
 
 
-def _end(slot: _Slot, status: str, reason: str | None = None) -> None:
+def _end(slot: _Slot, status: TrialStatus, reason: str | None = None) -> None:
     slot.result = TrialResult(
         trial_id=slot.spec.trial_id, status=status, steps=slot.step,
         eval_loss=slot.eval_history[-1][1] if slot.eval_history else None,
@@ -246,7 +246,7 @@ def _micro_step(base: Base, active: list[_Slot], on_metrics) -> None:
     total = None
     for slot, loss in zip(active, losses, strict=True):
         if not torch.isfinite(loss):
-            _end(slot, "diverged", f"diverged at step {slot.step + 1}: loss is {loss.item()}")
+            _end(slot, TrialStatus.DIVERGED, f"diverged at step {slot.step + 1}: loss is {loss.item()}")
             continue
         slot.pending.append(loss.item())
         scaled = loss / slot.spec.grad_accum_steps
@@ -298,7 +298,7 @@ def _optimizer_step(slot: _Slot, on_metrics) -> None:
     norm = grad_norm(slot.params)
     if not torch.isfinite(norm):
         _drop_grads(slot)
-        _end(slot, "diverged", f"diverged at step {slot.step + 1}: gradient norm is {norm.item()}")
+        _end(slot, TrialStatus.DIVERGED, f"diverged at step {slot.step + 1}: gradient norm is {norm.item()}")
         return
     clip_(slot.params, norm, spec.max_grad_norm)
     lr = lr_at(spec, slot.step)
@@ -316,7 +316,7 @@ def _optimizer_step(slot: _Slot, on_metrics) -> None:
     slot.train_losses.append(train_loss)
     metrics = {"train_loss": train_loss, "learning_rate": lr, "grad_norm": norm.item()}
     if on_metrics is not None and on_metrics(spec.trial_id, slot.step, metrics):
-        _end(slot, "stopped", f"stopped early at step {slot.step}")
+        _end(slot, TrialStatus.STOPPED, f"stopped early at step {slot.step}")
         return
     at_end = slot.step >= spec.max_steps
     if at_end or (spec.eval_every and slot.step % spec.eval_every == 0):
@@ -334,9 +334,9 @@ def _evaluate_and_report(base: Base, due: list[_Slot], on_metrics) -> None:
         stop = on_metrics is not None and on_metrics(slot.spec.trial_id, slot.step,
                                                      {"eval_loss": loss})
         if slot.step >= slot.spec.max_steps:
-            _end(slot, "finished")
+            _end(slot, TrialStatus.FINISHED)
         elif stop:
-            _end(slot, "stopped", f"stopped early at step {slot.step}")
+            _end(slot, TrialStatus.STOPPED, f"stopped early at step {slot.step}")
 
 
 @torch.no_grad()

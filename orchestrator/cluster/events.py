@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import ray
 
+from qlora.config import TrialStatus
+
 # -- what flows back to the driver --------------------------------------------------------------
 
 @dataclass
@@ -97,7 +99,7 @@ WORKER_LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
 
 
 def failed_result(trial_id: str, reason: str):
-    return trial_result(trial_id, "failed", 0, None, reason)
+    return trial_result(trial_id, TrialStatus.FAILED, 0, None, reason)
 
 
 def trial_result(trial_id: str, status: str, steps: int, eval_loss: float | None, reason: str | None):

@@ -27,6 +27,7 @@ from orchestrator.cluster.events import (
     trial_result,
 )
 from orchestrator.planner import Pack
+from qlora.config import TrialStatus
 
 
 def after_lost_worker(pack: Pack, error: BaseException, streamed: dict[str, TrialEnded],
@@ -42,7 +43,7 @@ def after_lost_worker(pack: Pack, error: BaseException, streamed: dict[str, Tria
     for trial in pack.trials:
         tid = trial.trial_id
         end = streamed.get(tid)
-        if end is not None and end.status not in ("finished", "stopped"):
+        if end is not None and not TrialStatus(end.status).succeeded:
             final.append(trial_result(tid, end.status, end.steps, end.eval_loss, end.reason))
         elif restarts.get(tid, 0) < max_retries:
             restarts[tid] = restarts.get(tid, 0) + 1

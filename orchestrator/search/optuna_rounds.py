@@ -23,6 +23,7 @@ from typing import Any
 
 from orchestrator.config.schema import Config
 from orchestrator.search.trials import Trial, apply, trial_id, trial_name, trial_seed
+from qlora.config import TrialStatus
 
 #: Proposals in a row that repeat earlier trials before the space counts as exhausted.
 MAX_REPEATS = 200
@@ -120,10 +121,10 @@ class OptunaSearch:
             return
         self._open.discard(trial_id)
         ot = self._optuna[trial_id]
-        if status == "finished" and eval_loss is not None and math.isfinite(eval_loss):
+        if status == TrialStatus.FINISHED and eval_loss is not None and math.isfinite(eval_loss):
             self._values[trial_id] = float(eval_loss)
             self.study.tell(ot, float(eval_loss))
-        elif status == "stopped":
+        elif status == TrialStatus.STOPPED:
             self.study.tell(ot, state=TrialState.PRUNED)
         else:
             self.study.tell(ot, state=TrialState.FAIL)

@@ -28,6 +28,7 @@ from orchestrator.search.asha import Asha, eval_every_for, rung_steps
 from orchestrator.search.coordinator import SearchCoordinator, group_key
 from orchestrator.search.optuna_rounds import OptunaSearch, round_size
 from orchestrator.search.trials import Trial
+from qlora.config import TrialStatus
 
 
 class SearchRun:
@@ -155,7 +156,7 @@ class SearchRun:
             _, given_up = ray.get(self._coordinator.orphans.remote(
                 outcome.pack_id, ended + sorted(self._ended), max_retries))
             outcome.results.extend(
-                TrialResult(trial_id=tid, status="failed", steps=0, eval_loss=None,
+                TrialResult(trial_id=tid, status=TrialStatus.FAILED, steps=0, eval_loss=None,
                             reason=f"lost with its pack ({outcome.error}) too many times")
                 for tid in given_up)
         for result in outcome.results:

@@ -60,7 +60,6 @@ FLUSH_INTERVAL_S = 1.0
 MAX_TAG_CHARS = 5000  # MLflow caps tag values at 8000
 BATCH_METRICS = 1000  # MLflow's per-call limits
 BATCH_PARAMS = 100
-_SUCCESS = ("finished", "stopped")
 
 
 def trial_params(trial: Trial) -> dict[str, str]:
@@ -90,11 +89,6 @@ def sweep_params(config: Config, num_trials: int, extra: dict | None = None) -> 
     }
     params.update(extra or {})
     return {k: _param_value(v) for k, v in params.items()}
-
-
-def is_success(status: str) -> bool:
-    """Whether an engine status counts as a trial that did not fail."""
-    return status in _SUCCESS
 
 
 def _param_value(value) -> str:

@@ -56,10 +56,10 @@ from orchestrator.tracking.keys import (
     TRAIN_LOSS,
     TRIAL_ID_TAG,
     _truncate,
-    is_success,
     sweep_params,
     trial_params,
 )
+from qlora.config import TrialStatus
 
 if TYPE_CHECKING:
     from orchestrator.search.trials import Trial
@@ -216,10 +216,10 @@ class Tracker:
         run_tags = {STATUS_TAG: result.status, STEPS_TAG: result.steps, **(tags or {})}
         run_tags.update({DATA_TAG_PREFIX + k: str(v) for k, v in (result.data or {}).items()
                          if v is not None})
-        if not is_success(result.status):
+        if not TrialStatus(result.status).succeeded:
             run_tags[FAILURE_TAG] = result.reason or result.status
         self._set_tags(run_id, run_tags)
-        self._terminate(run_id, "FINISHED" if is_success(result.status) else "FAILED")
+        self._terminate(run_id, "FINISHED" if TrialStatus(result.status).succeeded else "FAILED")
 
     def end_sweep(self, failed: list[str]) -> None:
         """End every child left open as FAILED, then the parent (FAILED if any trial failed)."""
