@@ -14,7 +14,7 @@ against the device's memory) is a later refinement of `_num_packs`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from qlora.config import BaseSpec, stable_hash
@@ -47,7 +47,7 @@ def plan(trials: list[Trial], max_adapters: int, num_workers: int) -> list[Pack]
 
     groups: dict[tuple, list[Trial]] = {}
     for trial in trials:
-        groups.setdefault(_group_key(trial), []).append(trial)
+        groups.setdefault(pack_key(trial.base, trial.spec.data.seq_len), []).append(trial)
 
     packs: list[Pack] = []
     for group in groups.values():
@@ -59,11 +59,11 @@ def plan(trials: list[Trial], max_adapters: int, num_workers: int) -> list[Pack]
     return packs
 
 
-def _group_key(trial: Trial) -> tuple:
-    # The fingerprint decides whether weights can be shared; the whole BaseSpec rides along so that
-    # trials differing only in memory options (gradient checkpointing, offload) are not run under
-    # the other's setting. seq_len fixes the batch shape of the pack.
-    return (trial.base.fingerprint(), trial.base, trial.spec.data.seq_len)
+def pack_key(base: BaseSpec, seq_len: int) -> str:
+    """Which trials may share a pack: the same frozen weights under the same memory options
+    (the whole BaseSpec, so trials differing only in gradient checkpointing or offload do not
+    run under the other's setting) and the same sequence length (one batch shape per pack)."""
+    return stable_hash([asdict(base), seq_len], 16)
 
 
 def _num_packs(n: int, max_adapters: int, num_workers: int) -> int:

@@ -57,32 +57,43 @@ def record_trial(trial: Trial, result: TrialResult, outcome: PackOutcome, tracke
         tags.update({STOPPED_AT_RUNG_TAG: str(stop.rung), STOPPED_AT_STEP_TAG: str(stop.step),
                      STOP_REASON_TAG: stop.reason})
     tracker.end_trial(result, adapter_dir, tags)
+    return trial_row(
+        trial, status=result.status, steps=result.steps, eval_loss=result.eval_loss,
+        reason=result.reason, run_id=tracker.run_ids[trial.trial_id], adapter_dir=adapter_dir,
+        pack_id=outcome.pack_id, pack_started=outcome.started, pack_ended=outcome.ended,
+        placement=asdict(placement) if placement is not None else None,
+        stopped_at_rung=stop.rung if stop is not None else None,
+        stop_reason=stop.reason if stop is not None else None, dispatched=True,
+        trained=result.spec.to_dict() if result.spec is not None else None,
+        **counters(tracker, trial.trial_id))
+
+
+def trial_row(trial: Trial, *, status, steps: int | None, eval_loss: float | None, run_id: str,
+              adapter_dir: Path | None, dispatched: bool, restarts: int, oom_splits: int,
+              reason: str | None = None, pack_id: str | None = None,
+              pack_started: float | None = None, pack_ended: float | None = None,
+              placement: dict | None = None, stopped_at_rung: int | None = None,
+              stop_reason: str | None = None, trained: dict | None = None) -> dict:
+    """The one shape of a trial's row in `summary.json`, whoever ran it.
+
+    `trained` is the engine's spec as the worker trained with it (None for a trial an earlier
+    driver finished): what ran, beside what the sweep asked for.
+    """
     return {
-        "trial_id": trial.trial_id,
-        "name": trial.name,
-        "params": trial.params,
-        "lora_r": trial.spec.r,
-        "lora_alpha": trial.spec.alpha,
+        "trial_id": trial.trial_id, "name": trial.name, "params": trial.params,
+        "lora_r": trial.spec.r, "lora_alpha": trial.spec.alpha,
         "learning_rate": trial.spec.learning_rate,
-        "status": result.status,
-        "steps": result.steps,
-        "eval_loss": result.eval_loss,
-        "reason": result.reason,
-        "run_id": tracker.run_ids[trial.trial_id],
-        "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
-        "pack_id": outcome.pack_id,
-        "pack_started": outcome.started,
-        "pack_ended": outcome.ended,
-        "placement": asdict(placement) if placement is not None else None,
-        "stopped_at_rung": stop.rung if stop is not None else None,
-        "stop_reason": stop.reason if stop is not None else None,
-        "dispatched": True,
-        **counters(tracker, trial.trial_id),
+        "status": status, "steps": steps, "eval_loss": eval_loss, "reason": reason,
+        "run_id": run_id, "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
+        "pack_id": pack_id, "pack_started": pack_started, "pack_ended": pack_ended,
+        "placement": placement, "stopped_at_rung": stopped_at_rung, "stop_reason": stop_reason,
+        "dispatched": dispatched, "restarts": restarts, "oom_splits": oom_splits,
+        "trained": trained,
     }
 
 
 def with_finished(rows: list[dict], trials: list[Trial], finished_runs: dict,
-                   out_dir: Path) -> list[dict]:
+                  out_dir: Path) -> list[dict]:
     """`rows` plus a row for each trial an earlier driver finished (read back from its run),
     in the trials' order."""
     if not finished_runs:
@@ -94,20 +105,16 @@ def with_finished(rows: list[dict], trials: list[Trial], finished_runs: dict,
         if run is None or trial.trial_id in by_id:
             continue
         tags, adapter_dir = run.data.tags, out_dir / folders[trial.trial_id] / "adapter"
-        by_id[trial.trial_id] = {
-            "trial_id": trial.trial_id, "name": trial.name, "params": trial.params,
-            "lora_r": trial.spec.r, "lora_alpha": trial.spec.alpha,
-            "learning_rate": trial.spec.learning_rate,
-            "status": TrialStatus(tags.get(STATUS_TAG, TrialStatus.FINISHED)),
-            "steps": int(tags[STEPS_TAG]) if STEPS_TAG in tags else None,
-            "eval_loss": run.data.metrics.get(EVAL_LOSS), "reason": None,
-            "run_id": run.info.run_id,
-            "adapter_dir": str(adapter_dir) if adapter_dir.is_dir() else None,
-            "pack_id": tags.get(PACK_TAG), "pack_started": None, "pack_ended": None,
-            "placement": None, "dispatched": False,
-            "restarts": int(tags.get(RESTARTS_TAG, 0)),
-            "oom_splits": int(tags.get(OOM_SPLITS_TAG, 0)),
-        }
+        rung = tags.get(STOPPED_AT_RUNG_TAG)
+        by_id[trial.trial_id] = trial_row(
+            trial, status=TrialStatus(tags.get(STATUS_TAG, TrialStatus.FINISHED)),
+            steps=int(tags[STEPS_TAG]) if STEPS_TAG in tags else None,
+            eval_loss=run.data.metrics.get(EVAL_LOSS), run_id=run.info.run_id,
+            adapter_dir=adapter_dir if adapter_dir.is_dir() else None,
+            pack_id=tags.get(PACK_TAG), dispatched=False,
+            stopped_at_rung=int(rung) if rung is not None else None,
+            stop_reason=tags.get(STOP_REASON_TAG),
+            restarts=int(tags.get(RESTARTS_TAG, 0)), oom_splits=int(tags.get(OOM_SPLITS_TAG, 0)))
     return [by_id[t.trial_id] for t in trials if t.trial_id in by_id]
 
 

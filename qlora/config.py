@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 
 QUANT_TYPES = ("nf4", "fp4", "int8", "none")
@@ -28,6 +28,85 @@ DATA_PACKING = ("none", "pack")
 TINY = "tiny"
 #: Label of tokens that take no loss (prompt, padding): PyTorch's cross-entropy ignore_index.
 IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Limit:
+    """What one engine setting accepts; the orchestrator's `error:` lines read `allowed`."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False  # low itself excluded
+    open_high: bool = False
+    integer: bool = False
+    choices: tuple[str, ...] = ()
+    optional: bool = False  # None is allowed too
+
+    def ok(self, value) -> bool:
+        if value is None:
+            return self.optional
+        if self.choices:
+            return value in self.choices
+        if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.open_high and value == self.high))
+
+    @property
+    def allowed(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        if self.choices:
+            text = "one of " + ", ".join(self.choices)
+        else:
+            noun = "an integer" if self.integer else "a number"
+            if self.low is not None and self.high is not None:
+                if self.integer:
+                    text = f"{noun} in {num(self.low)}..{num(self.high)}"
+                else:
+                    text = (f"{noun} in {'(' if self.open_low else '['}{num(self.low)}, "
+                            f"{num(self.high)}{')' if self.open_high else ']'}")
+            elif self.low is not None:
+                text = f"{noun} {'>' if self.open_low else '>='} {num(self.low)}"
+            else:
+                text = noun
+        return text + (" or null" if self.optional else "")
+
+
+#: The engine's settings and what each accepts, by field name of BaseSpec, DataSpec, TrialSpec.
+#: One table: the specs check themselves against it and the orchestrator's schema reads it.
+LIMITS = {
+    "quant_type": Limit(choices=QUANT_TYPES),
+    "compute_dtype": Limit(choices=COMPUTE_DTYPES),
+    "format": Limit(choices=DATA_FORMATS),
+    "packing": Limit(choices=DATA_PACKING),
+    "eval_fraction": Limit(0, 1, open_high=True),
+    "seq_len": Limit(8, 131072, integer=True),
+    "max_eval_examples": Limit(1, integer=True, optional=True),
+    "r": Limit(1, 1024, integer=True),
+    "alpha": Limit(0, open_low=True),
+    "dropout": Limit(0, 1, open_high=True),
+    "learning_rate": Limit(0, 1, open_low=True),
+    "weight_decay": Limit(0),
+    "warmup_steps": Limit(0, integer=True),
+    "lr_schedule": Limit(choices=LR_SCHEDULES),
+    "max_steps": Limit(1, 10_000_000, integer=True),
+    "micro_batch_size": Limit(1, integer=True),
+    "grad_accum_steps": Limit(1, integer=True),
+    "max_grad_norm": Limit(0),
+    "optimizer": Limit(choices=OPTIMIZERS),
+    "eval_every": Limit(0, integer=True),
+    "inject_oom_at_step": Limit(1, integer=True, optional=True),
+}
+
+
+def _check_limits(spec) -> None:
+    """Raise ValueError naming the first field of `spec` that its `LIMITS` entry refuses."""
+    for f in fields(spec):
+        limit = LIMITS.get(f.name)
+        value = getattr(spec, f.name)
+        if limit is not None and not limit.ok(value):
+            raise ValueError(f"{f.name} must be {limit.allowed}, got {value!r}")
 
 
 class TrialStatus(str, Enum):
@@ -68,12 +147,7 @@ class BaseSpec:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(
-                f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}"
-            )
+        _check_limits(self)
 
     def fingerprint(self) -> str:
         """Identity of the loaded weights: trials whose bases share it can share one copy."""
@@ -97,14 +171,8 @@ class DataSpec:
     max_eval_examples: int | None = 128  # evaluation cost bound; None = the whole eval split
 
     def __post_init__(self) -> None:
-        if self.format not in DATA_FORMATS:
-            raise ValueError(f"format must be one of {DATA_FORMATS}, got {self.format!r}")
-        if self.packing not in DATA_PACKING:
-            raise ValueError(f"packing must be one of {DATA_PACKING}, got {self.packing!r}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.seq_len < 8:
-            raise ValueError(f"seq_len must be >= 8, got {self.seq_len}")
+        _check_limits(self)
+
 
 
 @dataclass(frozen=True)
@@ -136,25 +204,9 @@ class TrialSpec:
     inject_oom_at_step: int | None = None
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.max_steps < 1 or self.micro_batch_size < 1 or self.grad_accum_steps < 1:
-            raise ValueError("max_steps, micro_batch_size and grad_accum_steps must be >= 1")
+        _check_limits(self)
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-
-    @property
-    def scale(self) -> float:
-        """LoRA's scaling of the low-rank path, alpha / r (as PEFT without rsLoRA)."""
-        return self.alpha / self.r
 
     def to_dict(self) -> dict:
         return asdict(self)

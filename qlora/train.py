@@ -60,6 +60,7 @@ class TrialResult:
     reason: str | None = None
     adapter: dict[str, bytes] | None = None
     data: dict = field(default_factory=dict)  # data_hash and example counts, to trace the result
+    spec: TrialSpec | None = None  # what it trained with
 
 
 @dataclass
@@ -210,7 +211,7 @@ def _end(slot: _Slot, status: TrialStatus, reason: str | None = None) -> None:
         trial_id=slot.spec.trial_id, status=status, steps=slot.step,
         eval_loss=slot.eval_history[-1][1] if slot.eval_history else None,
         train_losses=list(slot.train_losses), eval_history=list(slot.eval_history), reason=reason,
-        data=_data_info(slot.data),
+        data=_data_info(slot.data), spec=slot.spec,
     )
 
 

@@ -1,122 +1,208 @@
 """The typed configuration of a sweep: what `conf/` and `sweeps/` compose into.
 
-Hydra composes plain YAML; `orchestrator.config.validate.validate(cfg)` turns the composed node into a
-`Config` here, checking every key once (type, range, allowed values) and raising `ConfigError`
-that names the key. Inside the orchestrator and its Ray workers only these dataclasses travel.
+One declaration per key: its type, default, allowed values and help text live on the field
+(`setting(...)`, or `engine(...)` for a setting the engine owns, whose default and limits come
+from `qlora.config`). `validate()` checks values against it and says it in `error:` lines;
+`conf/config.yaml` and `--help` are written from it (`orchestrator.config.yaml_file`).
+Inside the orchestrator and its Ray workers only these dataclasses travel.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
-from qlora.config import BaseSpec, DataSpec, TrialSpec
+from orchestrator.config.rules import (
+    ADDRESS,
+    MODEL_NAME,
+    NAME,
+    RUNGS,
+    SCHEDULERS,
+    STRATEGIES,
+    TARGET_MODULES,
+    Rule,
+    at_least,
+    choice,
+    nonempty,
+)
+from qlora.config import LIMITS, TINY, BaseSpec, DataSpec, TrialSpec
+
+
+def setting(default: Any, help: str, allowed: Rule | None = None, set_by: str = "") -> Any:
+    """A config field: its default, a line of help, and what it accepts (None: any value of
+    its type). `set_by` names the group file that sets it, which keeps it out of config.yaml
+    (OmegaConf would not let a group's required `???` replace a value given there)."""
+    meta = {"help": help, "rule": allowed, "set_by": set_by}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def engine(spec: type, name: str, help: str, note: str = "") -> Any:
+    """A config field the engine owns: default from `spec`'s field `name`, limits from
+    `qlora.config.LIMITS` (with `note` added to what an error says is allowed)."""
+    [f] = [f for f in dataclasses.fields(spec) if f.name == name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    limit = LIMITS.get(name)
+    rule = None
+    if limit is not None:
+        rule = Rule(limit.allowed + (f" ({note})" if note else ""), limit.ok)
+    return setting(list(default) if isinstance(default, tuple) else default, help, rule)
 
 
 @dataclass
 class ModelCfg:
-    name_or_path: str = "tiny"  # "tiny" (built locally), a local folder, or a hub id
-    revision: str | None = None
-    trust_remote_code: bool = False
+    name_or_path: str = setting(TINY, '"tiny" (built locally, no download), a local folder, or a '
+                                      "hub id", MODEL_NAME)
+    revision: str | None = setting(None, "a hub branch, tag or commit; null = main",
+                                   nonempty("a revision or null"))
+    trust_remote_code: bool = setting(False, "run the model's own code from the hub")
 
 
 @dataclass
 class DataCfg:
-    path: str | None = None  # None = the bundled dataset
-    format: str = "auto"
-    eval_path: str | None = None
-    eval_fraction: float = 0.1
-    train_on_prompt: bool = False
-    skip_invalid: bool = False
-    packing: str = "none"
-    max_eval_examples: int | None = 128
+    path: str | None = setting(None, "JSONL / JSON / CSV / Parquet file; null = the bundled "
+                                     "dataset", nonempty("a file path or null (the bundled dataset)"),
+                               set_by="the data file: bundled.yaml (null) or custom.yaml (required)")
+    format: str = engine(DataSpec, "format", "how rows are read; auto detects it")
+    eval_path: str | None = setting(None, "null = hold out eval_fraction of data.path",
+                                    nonempty("a file path or null"))
+    eval_fraction: float = engine(DataSpec, "eval_fraction",
+                                  "deterministic split, the same for every trial")
+    train_on_prompt: bool = engine(DataSpec, "train_on_prompt",
+                                   "false = loss on the response tokens only")
+    skip_invalid: bool = engine(DataSpec, "skip_invalid",
+                                "true = drop malformed rows instead of stopping")
+    packing: str = engine(DataSpec, "packing", "none | pack (several short examples per sequence)")
+    max_eval_examples: int | None = engine(DataSpec, "max_eval_examples",
+                                           "bounds the cost of each evaluation; null = the whole "
+                                           "eval split")
 
 
 @dataclass
 class QuantCfg:
-    type: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "bfloat16"
+    type: str = engine(BaseSpec, "quant_type", "nf4 | fp4 | int8 | none (16-bit LoRA baseline)")
+    double_quant: bool = engine(BaseSpec, "double_quant",
+                                "also quantize the block constants (~0.37 bit/weight saved)")
+    compute_dtype: str = engine(BaseSpec, "compute_dtype", "bfloat16 | float16 | float32")
 
 
 @dataclass
 class LoraCfg:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: list[str] | str = "all-linear"
+    r: int = engine(TrialSpec, "r", "rank of each adapter")
+    alpha: float = engine(TrialSpec, "alpha",
+                          "usually 2 x rank; the low-rank path is scaled by alpha / r")
+    dropout: float = engine(TrialSpec, "dropout", "on the adapter's input")
+    target_modules: list[str] | str = setting("all-linear", "or a list such as [q_proj, v_proj]",
+                                              TARGET_MODULES)
 
 
 @dataclass
 class TrainCfg:
-    learning_rate: float = 2e-4
-    max_steps: int = 100
-    micro_batch_size: int = 4
-    grad_accum_steps: int = 1
-    seq_len: int = 256
-    optimizer: str = "paged_adamw_32bit"
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: str = "cosine"
-    max_grad_norm: float = 1.0
-    eval_every: int = 0
-    gradient_checkpointing: bool = True
-    activation_offload: bool = False
-    checkpoint_every: int = 20  # steps between a trial's checkpoints (and one at its end)
-    # Testing only: raise CUDA's out-of-memory error at this step while the trial shares a pack
-    # with others (simulates a pack too big for the device). Never part of a trial's id.
-    inject_oom_at_step: int | None = None
+    learning_rate: float = engine(TrialSpec, "learning_rate",
+                                  "QLoRA's default for 7B-13B models")
+    max_steps: int = engine(TrialSpec, "max_steps", "optimizer steps per trial")
+    micro_batch_size: int = engine(TrialSpec, "micro_batch_size",
+                                   "sequences per adapter per forward pass")
+    grad_accum_steps: int = engine(TrialSpec, "grad_accum_steps",
+                                   "effective batch = micro_batch_size x grad_accum_steps")
+    seq_len: int = engine(DataSpec, "seq_len", "tokens per sequence, longer examples are truncated")
+    optimizer: str = engine(TrialSpec, "optimizer",
+                            "paged_adamw_32bit | paged_adamw_8bit | adamw")
+    weight_decay: float = engine(TrialSpec, "weight_decay", "AdamW's decoupled weight decay")
+    warmup_steps: int = engine(TrialSpec, "warmup_steps", "linear warmup before lr_schedule")
+    lr_schedule: str = engine(TrialSpec, "lr_schedule",
+                              "cosine | linear | constant, down to 0 at max_steps")
+    max_grad_norm: float = engine(TrialSpec, "max_grad_norm", "per adapter; 0 disables clipping",
+                                  note="0 disables clipping")
+    eval_every: int = engine(TrialSpec, "eval_every",
+                             "steps between evaluations; 0 = only at the end",
+                             note="0 = only at the end")
+    gradient_checkpointing: bool = engine(BaseSpec, "gradient_checkpointing",
+                                          "recompute activations: less memory, ~30% more compute")
+    activation_offload: bool = engine(BaseSpec, "activation_offload",
+                                      "keep saved activations in CPU memory (long sequences)")
+    checkpoint_every: int = setting(20, "steps between a trial's checkpoints (one is always "
+                                        "written at its end); 0 = only at the end",
+                                    at_least(0, "an integer", "0 = only when a trial ends"))
+    inject_oom_at_step: int | None = engine(
+        TrialSpec, "inject_oom_at_step", "testing only: fake a CUDA out-of-memory at this step in "
+        "packs of 2+ (never part of a trial's id)", note="testing only")
 
 
 @dataclass
 class PackCfg:
-    max_adapters: int = 4
+    max_adapters: int = setting(4, "trials sharing one frozen base on one worker; 1 = one run "
+                                   "per worker", Rule("an integer in 1..64", lambda v: 1 <= v <= 64))
 
 
 @dataclass
 class ClusterCfg:
-    address: str = "local"  # local | auto | ray://host:port
-    num_workers: int | None = None  # None = one per GPU, or one per CPU core without GPUs
-    gpus_per_worker: float | None = None  # None = 1 where the cluster has GPUs, else 0
-    max_retries: int = 2
-    checkpoint_dir: str | None = None  # None = <output_dir>/<sweep name>/checkpoints
+    address: str = setting("local", "local (start Ray here) | auto (join a running cluster) | "
+                                    "ray://host:port", ADDRESS)
+    num_workers: int | None = setting(None, "null = one per GPU, or one per CPU core without GPUs",
+                                      at_least(1, "an integer", optional=True))
+    gpus_per_worker: float | None = setting(None, "null = 1 where the cluster has GPUs, else 0",
+                                            at_least(0, "a number", optional=True))
+    max_retries: int = setting(2, "restarts of a trial from its checkpoint after its worker or "
+                                  "node is lost", at_least(0, "an integer"))
+    checkpoint_dir: str | None = setting(
+        None, "null = <output_dir>/<sweep name>/checkpoints; on a cluster, a path every node "
+              "shares", nonempty("a folder path (shared by every node on a cluster) or null "
+                                 "(<output_dir>/<sweep>/checkpoints)"))
 
 
 @dataclass
 class TrackingCfg:
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "qlora-sweeps"
-    artifact_location: str = "mlartifacts"  # for a new experiment on a local store
-    # Register the best trial's adapter in the Model Registry under this name, alias `champion`
-    # (None = do not register). See orchestrator/registry.py.
-    register_as: str | None = None
+    uri: str = setting("sqlite:///mlflow.db", "or http(s)://host:port of an MLflow server; file "
+                                              "stores are refused by MLflow 3")
+    experiment: str = setting("qlora-sweeps", "the MLflow experiment", nonempty())
+    artifact_location: str = setting("mlartifacts", "for a new experiment on a local store",
+                                     nonempty())
+    register_as: str | None = setting(
+        None, "a name: the best trial's adapter goes to the Model Registry as "
+              "models:/NAME@champion", Rule("a model name of letters, digits, '_', '-' and '.', "
+                                            "or null", lambda v: v is None or bool(NAME.match(v))))
 
 
 @dataclass
 class AshaCfg:
-    """Successive halving's rungs (see orchestrator/asha.py)."""
+    """Successive halving's rungs (see orchestrator/search/asha.py)."""
 
-    rungs: list[float] = field(default_factory=lambda: [0.25, 0.5])  # fractions of max_steps
-    eta: float = 3.0  # past each rung, the best 1/eta of the sweep's trials continue
+    rungs: list[float] = setting([0.25, 0.5], "fractions of train.max_steps where trials are "
+                                              "compared (the last rung is the end)", RUNGS)
+    eta: float = setting(3.0, "past rung k, only the best 1/eta^k of the sweep's trials go on",
+                         Rule("a number > 1 (past each rung the best 1/eta continue)",
+                              lambda v: v > 1))
 
 
 @dataclass
 class OptunaCfg:
-    """Model-based search (see orchestrator/optuna_search.py)."""
+    """Model-based search (see orchestrator/search/optuna_rounds.py)."""
 
-    startup_trials: int = 8  # proposals drawn at random before TPE models the results
-    batch_size: int | None = None  # proposals per round; None = every adapter slot of the sweep
+    startup_trials: int = setting(8, "random proposals before TPE models the results",
+                                  at_least(0, "an integer"))
+    batch_size: int | None = setting(None, "proposals per round, each round from all earlier "
+                                           "results; null = every adapter slot",
+                                     at_least(1, "an integer", "every adapter slot", True))
 
 
 @dataclass
 class SweepDef:
     """A sweep from `sweeps/`: how to turn the base config into trials."""
 
-    name: str = "single"
-    strategy: str = "grid"  # grid | random | optuna
-    # dotted trial key -> list of values (grid, random, optuna) or {low, high, log} (random, optuna)
-    params: dict = field(default_factory=dict)
-    num_trials: int | None = None  # random: how many trials to draw; optuna: the trial budget
-    scheduler: str = "none"  # none | asha: stop the worse trials at rungs, backfill their slots
+    name: str = setting("single", "the parent run's name and the folder of its outputs",
+                        Rule("a name of letters, digits, '_', '-' and '.'",
+                             lambda v: bool(NAME.match(v))))
+    strategy: str = setting("grid", "grid | random | optuna (TPE, proposals from the results so "
+                                    "far)", choice(STRATEGIES))
+    params: dict = setting({}, "dotted trial key -> values (grid, random, optuna) or {low, high, "
+                               "log, type} (random, optuna)")
+    num_trials: int | None = setting(None, "random: how many trials to draw; optuna: the budget "
+                                           "of trials", at_least(1, "an integer", optional=True))
+    scheduler: str = setting("none", "none | asha: stop the worse trials at rungs and backfill "
+                                     "their slots (any strategy)", choice(SCHEDULERS))
     asha: AshaCfg = field(default_factory=AshaCfg)
     optuna: OptunaCfg = field(default_factory=OptunaCfg)
 
@@ -132,10 +218,13 @@ class Config:
     cluster: ClusterCfg = field(default_factory=ClusterCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
     sweep: SweepDef = field(default_factory=SweepDef)
-    seed: int = 0
-    resume: bool = False
-    output_dir: str = "outputs"
-    dry_run: bool = False  # print the sweep's trials and exit without starting Ray or MLflow
+    seed: int = setting(0, "each trial's init and data order derive from it and the trial's own "
+                           "config", at_least(0, "an integer"))
+    resume: bool = setting(False, "true: continue the latest unfinished sweep of the same name")
+    output_dir: str = setting("outputs", "checkpoints and run folders, relative to where you run",
+                              nonempty("a folder path"))
+    dry_run: bool = setting(False, "true: print the sweep's trials and exit without starting Ray "
+                                   "or MLflow")
 
     def base_spec(self) -> BaseSpec:
         """The frozen base every trial of this config trains on."""

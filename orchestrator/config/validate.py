@@ -24,8 +24,8 @@ from orchestrator.config.rules import (
     DB_SCHEMES,
     DRAWING,
     RANGE_KEYS,
-    RULES,
     SWEEP_WIDE_TRAIN_KEYS,
+    Rule,
 )
 from orchestrator.config.schema import Config, SweepDef
 
@@ -137,7 +137,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 def _field(label: str, key: str, value: Any, hint: Any) -> Any:
     """`value` converted to the type `hint` and checked against `key`'s rule."""
-    rule = RULES.get(key)
+    rule = rule_of(key)
     allowed = rule.allowed if rule else _noun(hint)
     try:
         typed = _convert(value, hint)
@@ -146,6 +146,15 @@ def _field(label: str, key: str, value: Any, hint: Any) -> Any:
     if typed is not None and rule and not rule.ok(typed):
         raise ConfigError(label, f"must be {allowed}, got {_show(value)}")
     return typed
+
+
+def rule_of(key: str) -> Rule | None:
+    """The rule declared on the schema field of the dotted `key` (None: any value of its type)."""
+    section, _, leaf = key.rpartition(".")
+    for f in dataclasses.fields(_section_class(section)):
+        if f.name == leaf:
+            return f.metadata.get("rule")
+    return None
 
 
 def _accepts_none(hint: Any) -> bool:

@@ -18,15 +18,10 @@ continue from their checkpoints in whichever pack takes them next.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict
 
+from orchestrator.planner import pack_key
 from orchestrator.search.asha import Asha, Stop
-from qlora.config import BaseSpec, TrialSpec, stable_hash
-
-
-def group_key(base: BaseSpec, seq_len: int) -> str:
-    """Which trials may share a pack: the planner's grouping (one base, one batch shape)."""
-    return stable_hash([asdict(base), seq_len], 16)
+from qlora.config import BaseSpec, TrialSpec
 
 
 class SearchCoordinator:
@@ -123,7 +118,7 @@ class WorkerHooks:
     def __init__(self, coordinator, pack_id: str, base: BaseSpec, specs: list[TrialSpec]):
         self._coordinator = coordinator
         self._pack_id = pack_id
-        self._group = group_key(base, specs[0].data.seq_len) if specs else ""
+        self._group = pack_key(base, specs[0].data.seq_len) if specs else ""
         self._asked = None  # an ObjectRef of pending_stops() in flight
         self._stops: set[str] = set()
         self.backfilled: list[TrialSpec] = []

@@ -21,13 +21,13 @@ from typing import Any
 from orchestrator.config.schema import Config
 from orchestrator.config.validate import sweep_params
 from orchestrator.search.trials import (
-    DIGITS,
     Trial,
     apply,
     fmt_number,
+    make_trial,
+    snap,
     trial_id,
     trial_name,
-    trial_seed,
 )
 
 
@@ -66,13 +66,8 @@ def expand(cfg: Config) -> list[Trial]:
             drafts.append((tid, params, config))
 
     names = [trial_name(config, params) for _, params, config in drafts]
-    trials = []
-    for (tid, params, config), name in zip(drafts, names, strict=True):
-        if names.count(name) > 1:
-            name = f"{name}-{tid[:6]}"
-        spec = config.trial_spec(tid, name, trial_seed(config.seed, tid))
-        trials.append(Trial(tid, name, params, config, spec, config.base_spec()))
-    return trials
+    twins = {n for n in names if names.count(n) > 1}
+    return [make_trial(config, params, tid, taken=twins) for tid, params, config in drafts]
 
 
 def _draw(rng: random.Random, spec: Any) -> Any:
@@ -81,15 +76,8 @@ def _draw(rng: random.Random, spec: Any) -> Any:
         return rng.choice(spec)
     low, high = spec["low"], spec["high"]
     if spec["log"]:
-        value = math.exp(rng.uniform(math.log(low), math.log(high)))
-    else:
-        value = rng.uniform(low, high)
-    if spec["type"] == "int":
-        value = round(value)
-    else:
-        value = float(f"{value:.{DIGITS}g}")
-    value = min(max(value, low), high)  # rounding may step just outside
-    return type(low)(value)
+        return snap(math.exp(rng.uniform(math.log(low), math.log(high))), spec)
+    return snap(rng.uniform(low, high), spec)
 
 
 def format_trials(cfg: Config, trials: list[Trial]) -> str:

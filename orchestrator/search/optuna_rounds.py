@@ -22,7 +22,7 @@ import math
 from typing import Any
 
 from orchestrator.config.schema import Config
-from orchestrator.search.trials import Trial, apply, trial_id, trial_name, trial_seed
+from orchestrator.search.trials import Trial, apply, make_trial, snap, trial_id
 from qlora.config import TrialStatus
 
 #: Proposals in a row that repeat earlier trials before the space counts as exhausted.
@@ -94,13 +94,8 @@ class OptunaSearch:
                     break
                 continue
             repeats = 0
-            name = trial_name(config, params)
-            if name in self._names:
-                name = f"{name}-{tid[:6]}"
-            self._names.add(name)
-            trial = Trial(tid, name, params, config,
-                          config.trial_spec(tid, name, trial_seed(config.seed, tid)),
-                          config.base_spec())
+            trial = make_trial(config, params, tid, taken=self._names)
+            self._names.add(trial.name)
             self._optuna[tid] = ot
             self._open.add(tid)
             self.trials.append(trial)
@@ -143,8 +138,5 @@ def _suggest(ot, key: str, spec: Any) -> Any:
         return spec[ot.suggest_categorical(key, list(range(len(spec))))]  # e.g. lists of modules
     low, high, log = spec["low"], spec["high"], spec["log"]
     if spec["type"] == "int":
-        value = ot.suggest_int(key, int(low), int(high), log=log)
-    else:
-        value = float(f"{ot.suggest_float(key, float(low), float(high), log=log):.4g}")
-        value = min(max(value, low), high)  # rounding may step just outside
-    return type(low)(value)
+        return snap(ot.suggest_int(key, int(low), int(high), log=log), spec)
+    return snap(ot.suggest_float(key, float(low), float(high), log=log), spec)

@@ -23,11 +23,11 @@ from collections import OrderedDict
 
 from orchestrator.cluster.connect import WorkerPlan, worker_env
 from orchestrator.config.schema import Config
-from orchestrator.planner import Pack, plan
+from orchestrator.planner import Pack, pack_key, plan
 from orchestrator.search.asha import Asha, eval_every_for, rung_steps
-from orchestrator.search.coordinator import SearchCoordinator, group_key
+from orchestrator.search.coordinator import SearchCoordinator
 from orchestrator.search.optuna_rounds import OptunaSearch, round_size
-from orchestrator.search.trials import Trial
+from orchestrator.search.trials import Trial, set_values
 from qlora.config import TrialStatus
 
 
@@ -75,10 +75,10 @@ class SearchRun:
             steps = rung_steps(trial.spec.max_steps, self.config.sweep.asha.rungs)
             every = eval_every_for(trial.spec.eval_every, steps)
             if every != trial.spec.eval_every:
-                trial.spec = dataclasses.replace(trial.spec, eval_every=every)
+                set_values(trial, {"train.eval_every": every})
         groups: OrderedDict[str, list[Trial]] = OrderedDict()
         for trial in trials:
-            groups.setdefault(group_key(trial.base, trial.spec.data.seq_len), []).append(trial)
+            groups.setdefault(pack_key(trial.base, trial.spec.data.seq_len), []).append(trial)
         first = [t for group in groups.values() for t in group[:self.slots]]
         ray.get(self._coordinator.add_trials.remote(
             [(t.trial_id, t.spec.max_steps) for t in trials]))

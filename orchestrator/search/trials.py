@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,36 @@ class Trial:
     config: Config  # the full config with this trial's values applied
     spec: TrialSpec
     base: BaseSpec
+
+
+def make_trial(config: Config, params: dict[str, Any], tid: str | None = None,
+               taken: Collection[str] = ()) -> Trial:
+    """The one way a `Trial` is built: its id, a readable name (with the id appended when the
+    name is in `taken`), its engine seed, and the engine's specs from `config`."""
+    tid = tid or trial_id(config)
+    name = trial_name(config, params)
+    if name in taken:
+        name = f"{name}-{tid[:6]}"
+    spec = config.trial_spec(tid, name, trial_seed(config.seed, tid))
+    return Trial(tid, name, params, config, spec, config.base_spec())
+
+
+def set_values(trial: Trial, values: dict[str, Any]) -> None:
+    """Set dotted keys of a trial that the search decides (ASHA's evaluation cadence), in its
+    config and its spec together, so what MLflow records is what the worker trains with.
+
+    The trial keeps its id and name: they are those of the trial as the sweep asked for it.
+    """
+    trial.config = apply(trial.config, values)
+    trial.spec = trial.config.trial_spec(trial.trial_id, trial.name, trial.spec.seed)
+
+
+def snap(value: float, spec: dict[str, Any]) -> int | float:
+    """A sampled number made readable and kept in its range `{low, high, type}`: rounded to an
+    integer or to `DIGITS` significant digits, then clamped (rounding may step just outside)."""
+    low, high = spec["low"], spec["high"]
+    value = round(value) if spec["type"] == "int" else float(f"{value:.{DIGITS}g}")
+    return type(low)(min(max(value, low), high))
 
 
 def apply(cfg: Config, params: dict[str, Any]) -> Config:

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 import pytest
-from support.tiny_sweeps import SweepRun
+from support.tiny_sweeps import SweepRun, assert_params_are_what_ran
 from support.tiny_sweeps import run as run_tiny
 
 from orchestrator.config.schema import (
@@ -234,3 +234,9 @@ def test_no_run_is_left_running_when_the_driver_is_interrupted(tmp_path):
     # What was buffered before the interrupt still reached the store.
     run_id = tracker.run_ids[trials[0].trial_id]
     assert [m.value for m in tracker.client.get_metric_history(run_id, TRAIN_LOSS)] == [1.5]
+
+
+@pytest.mark.slow
+def test_logged_params_are_what_ran(alone, packed):
+    for run in (alone, packed):
+        assert assert_params_are_what_ran(run) == len(run.children) == 4

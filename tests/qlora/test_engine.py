@@ -52,7 +52,7 @@ def test_packed_equals_alone(data, gc):
 def test_diverging_trial_is_stopped_and_isolated(data):
     base = make_base(gc=False)
     healthy = _trials(steps=12)[:3]
-    wild = TrialSpec(trial_id="wild", seed=7, r=8, alpha=16.0, learning_rate=1e4, max_steps=12,
+    wild = TrialSpec(trial_id="wild", seed=7, r=8, alpha=1e30, learning_rate=1.0, max_steps=12,
                      micro_batch_size=2, optimizer="adamw", data=DATA)
     reference = by_id(train_pack(base, healthy, datasets=data))
     ended = []

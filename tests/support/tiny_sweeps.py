@@ -90,3 +90,46 @@ def run(root: Path, cfg: Config) -> SweepRun:
     children = {r.data.tags[TRIAL_ID_TAG]: r for r in runs if r.data.tags.get(ROLE_TAG) == "trial"}
     summary = json.loads((root / "outputs" / cfg.sweep.name / "summary.json").read_text())
     return SweepRun(exit_code, root, cfg, client, parent, children, summary)
+
+
+#: The engine's TrialSpec fields and the MLflow params that record them (DataSpec's under data.).
+SPEC_PARAMS = {
+    "seed": "trial_seed", "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+    "target_modules": "lora_target_modules", "learning_rate": "learning_rate",
+    "weight_decay": "train_weight_decay", "warmup_steps": "train_warmup_steps",
+    "lr_schedule": "train_lr_schedule", "max_steps": "train_max_steps",
+    "micro_batch_size": "train_micro_batch_size", "grad_accum_steps": "train_grad_accum_steps",
+    "max_grad_norm": "train_max_grad_norm", "optimizer": "train_optimizer",
+    "eval_every": "train_eval_every", "inject_oom_at_step": "train_inject_oom_at_step",
+    "data.path": "data_path", "data.format": "data_format", "data.eval_path": "data_eval_path",
+    "data.eval_fraction": "data_eval_fraction", "data.seq_len": "train_seq_len",
+    "data.train_on_prompt": "data_train_on_prompt", "data.skip_invalid": "data_skip_invalid",
+    "data.packing": "data_packing", "data.max_eval_examples": "data_max_eval_examples",
+}
+
+
+def _same(logged: str, used) -> bool:
+    if isinstance(used, list | tuple):
+        return logged == ",".join(map(str, used))
+    if isinstance(used, bool) or used is None or isinstance(used, str):
+        return logged == str(used)
+    return float(logged) == float(used)
+
+
+def assert_params_are_what_ran(run: SweepRun) -> int:
+    """Every trial's MLflow params equal the spec its worker trained with (the summary's
+    `trained`, returned by the worker); returns how many trials were checked."""
+    checked = 0
+    for row in run.summary["trials"]:
+        if row["trained"] is None:
+            continue
+        params = run.children[row["trial_id"]].data.params
+        trained = {**{k: v for k, v in row["trained"].items() if k != "data"},
+                   **{f"data.{k}": v for k, v in row["trained"]["data"].items()}}
+        unmapped = set(trained) - set(SPEC_PARAMS) - {"trial_id", "name"}
+        assert not unmapped, f"TrialSpec fields with no param: {unmapped}"
+        for field, param in SPEC_PARAMS.items():
+            assert _same(params[param], trained[field]), (row["name"], param, params[param],
+                                                          trained[field])
+        checked += 1
+    return checked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from orchestrator.config.compose import compose, config_dir, options
 from orchestrator.config.schema import Config
@@ -40,7 +42,15 @@ def _cli(args: list[str], cwd: Path, pythonpath: str = str(REPO)) -> subprocess.
 def test_every_group_option_composes_and_validates(path):
     group = "sweep" if path.parent.name == "sweeps" else path.parent.name
     config = validate(compose([f"{group}={path.stem}", *EXTRA.get(f"{group}/{path.stem}", [])]))
-    assert isinstance(config, Config)
+    # What the file sets is what the config holds (no key silently dropped or renamed).
+    for key, value in _leaves(OmegaConf.to_container(OmegaConf.load(path))).items():
+        if key.startswith("defaults") or value == "???":  # ??? : required, set by EXTRA
+            continue
+        where = key if group != "sweep" and group != "data" else f"{group}.{key}"
+        got = _get(config, where)
+        if where == "sweep.params":  # normalized: dotted keys -> lists or ranges
+            continue
+        assert got == value or (isinstance(got, float) and math.isclose(got, value)), (where, got)
     if group == "sweep":
         assert config.sweep.name == path.stem  # resume finds a sweep by this name
 
@@ -139,3 +149,54 @@ def test_installed_layout_finds_configs_inside_the_package(tmp_path):
         cwd=run_dir, env=dict(os.environ, PYTHONPATH=pythonpath), capture_output=True, text=True,
     )
     assert probe.stdout.strip() == str(site / "orchestrator" / "conf")
+
+
+def _leaves(tree, prefix: str = "") -> dict:
+    """A YAML mapping's leaves by dotted key (`# @package _global_` files: from the root)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k != "params":
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def test_config_yaml_is_written_from_the_schema():
+    from orchestrator.config.yaml_file import path, render
+
+    assert path().read_text() == render(), "run: python -m orchestrator.config.yaml_file"
+
+
+def test_help_lists_every_key_with_its_default_and_what_it_allows(tmp_path):
+    import dataclasses
+
+    from orchestrator.config.validate import rule_of
+
+    out = _cli(["--help"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    keys = []
+
+    def walk(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(default):
+                walk(type(default), f"{prefix}{f.name}.")
+            else:
+                keys.append((prefix + f.name, f.metadata["help"]))
+    walk(Config)
+    assert len(keys) > 50
+    for key, help_text in keys:
+        rule = rule_of(key)
+        assert f"\n{key}  (" in out.stdout, key
+        assert help_text in out.stdout, key
+        if rule is not None:
+            assert rule.allowed in out.stdout, key
+    assert "lora.r  (16; an integer in 1..1024)" in out.stdout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 
 import pytest
@@ -76,7 +75,7 @@ def test_a_trial_is_stopped_only_once_it_cannot_win():
     assert asha.pending_stops() == ["c"]
     assert asha.report("d", 5, 1.0) is None
     assert set(asha.pending_stops()) == {"a", "c"}  # a passed first, then d and b beat it
-    assert math.isfinite(asha.keep(0))
+    assert asha.keep(0) == 2 and len(asha.stops) == 2  # the best 2 of 4 (eta 2) go on
 
 
 def test_a_nan_loss_ranks_last():
@@ -112,8 +111,8 @@ def test_backfill_runs_more_trials_than_slots_on_one_base(ray_session, tmp_path)
     from orchestrator.cluster.connect import connect, disconnect
     from orchestrator.cluster.dispatch import dispatch
     from orchestrator.cluster.events import PackOutcome
-    from orchestrator.planner import Pack
-    from orchestrator.search.coordinator import SearchCoordinator, group_key
+    from orchestrator.planner import Pack, pack_key
+    from orchestrator.search.coordinator import SearchCoordinator
     from orchestrator.search.expand import expand
 
     cfg = tiny_sweeps.config(tmp_path, tiny_sweeps.asha_sweep())
@@ -122,7 +121,7 @@ def test_backfill_runs_more_trials_than_slots_on_one_base(ray_session, tmp_path)
     assert len(trials) == 6
     first, waiting = trials[:2], trials[2:]
     coordinator = ray.remote(SearchCoordinator).options(num_cpus=0).remote(None)
-    ray.get(coordinator.add_waiting.remote(group_key(first[0].base, first[0].spec.data.seq_len),
+    ray.get(coordinator.add_waiting.remote(pack_key(first[0].base, first[0].spec.data.seq_len),
                                            [t.spec for t in waiting]))
     workers = connect(cfg.cluster)
     try:
@@ -193,3 +192,10 @@ def test_stopped_trials_say_at_which_rung_and_why(asha_run):
                      run.client.get_metric_history(child.info.run_id, EVAL_LOSS))
         assert step in evals  # the rung's evaluation is on the run
         assert run.rows()[tid]["stopped_at_rung"] == rung
+
+
+@pytest.mark.slow
+def test_logged_params_are_what_ran(asha_run):
+    # ASHA evaluates at its rungs (steps 2 and 4 of 8) though the config says every 4 steps.
+    assert {row["trained"]["eval_every"] for row in asha_run.summary["trials"]} == {2}
+    assert tiny_sweeps.assert_params_are_what_ran(asha_run) == len(asha_run.children)

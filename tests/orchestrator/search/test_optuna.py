@@ -122,3 +122,8 @@ def test_a_sweep_asks_round_by_round_and_replays_from_its_results(optuna_run):
             replay.tell(child.data.tags[TRIAL_ID_TAG], child.data.tags[STATUS_TAG], final)
     assert not replay.remaining
     assert run.parent.data.params["optuna_round_size"] == "2"
+
+
+@pytest.mark.slow
+def test_logged_params_are_what_ran(optuna_run):
+    assert tiny_sweeps.assert_params_are_what_ran(optuna_run) == len(optuna_run.children) == 4

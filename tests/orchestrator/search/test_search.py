@@ -195,3 +195,22 @@ def test_apply_sets_dotted_keys_without_touching_the_input():
     other = apply(cfg, {"lora.r": 4, "train.learning_rate": 1e-3, "seed": 9})
     assert (other.lora.r, other.train.learning_rate, other.seed) == (4, 1e-3, 9)
     assert (cfg.lora.r, cfg.train.learning_rate, cfg.seed) == (16, 2e-3, 0)
+
+
+@pytest.mark.slow
+def test_random_search_logs_the_params_it_ran(ray_session, tmp_path):
+    import dataclasses
+
+    from support import tiny_sweeps
+
+    from orchestrator.config.schema import SweepDef
+
+    sweep = SweepDef(name="random_t", strategy="random", num_trials=2, params={
+        "lora.r": [4, 8],
+        "train.learning_rate": {"low": 1e-4, "high": 3e-3, "log": True, "type": "float"},
+        "lora.dropout": {"low": 0.0, "high": 0.2, "type": "float"}})
+    cfg = tiny_sweeps.config(tmp_path, sweep)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=2, eval_every=0))
+    run = tiny_sweeps.run(tmp_path, cfg)
+    assert run.exit_code == 0
+    assert tiny_sweeps.assert_params_are_what_ran(run) == 2
