@@ -22,7 +22,6 @@ import os
 import re
 import sys
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,9 +116,7 @@ def load_adapter(ref: str, tracking_uri: str | None = None, *, device: str | Non
         raise LoadError(f"{ref}: {source} holds no adapter_config.json")
     base = load_base(base_spec(lineage), device)
     base.model.config.use_cache = True  # generation, not training
-    with warnings.catch_warnings():  # PEFT asks transformers 5 a deprecated question
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        model = PeftModel.from_pretrained(base.model, str(folder)).eval()
+    model = PeftModel.from_pretrained(base.model, str(folder)).eval()
     return LoadedAdapter(model, base.tokenizer, base, run_id, folder, lineage, version)
 
 

@@ -217,6 +217,39 @@ def test_an_engine_exception_fails_only_its_pack(ray_session, tmp_path):
     assert set(finished.adapter) == {"adapter_config.json", "adapter_model.safetensors"}
 
 
+@pytest.mark.slow
+def test_any_other_engine_error_fails_only_its_pack(ray_session, tmp_path):
+    """Not out of memory: the worker fails the pack's trials with the error, drops its base,
+    and the next pack trains on a freshly loaded one."""
+    from orchestrator.cluster.connect import connect, disconnect
+    from orchestrator.cluster.dispatch import dispatch
+    from orchestrator.cluster.events import PackOutcome
+    from orchestrator.planner import Pack
+    from orchestrator.search.expand import expand
+    from orchestrator.search.trials import apply, make_trial
+
+    rows = [{"instruction": f"Repeat {i}.", "input": "", "output": str(i)} for i in range(20)]
+    data = tmp_path / "gone.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = dataclasses.replace(_config(tmp_path, 1, 1), sweep=SweepDef(name="err"))
+    [ok] = expand(config)
+    doomed = make_trial(apply(config, {"data.path": str(data)}), {"data.path": str(data)})
+    data.unlink()  # the file went away after the sweep was checked
+    workers = connect(config.cluster)
+    packs = [Pack("p-doomed", doomed.base, [doomed]), Pack("p-ok", ok.base, [ok])]
+    try:
+        outcomes = {ev.pack_id: ev for events in dispatch(packs, workers) for ev in events
+                    if isinstance(ev, PackOutcome)}
+    finally:
+        disconnect(workers)
+    [failed] = outcomes["p-doomed"].results
+    assert failed.status == "failed" and "gone.jsonl" in failed.reason
+    assert not outcomes["p-doomed"].oom and outcomes["p-doomed"].interrupted == [doomed.trial_id]
+    [finished] = outcomes["p-ok"].results
+    assert finished.status == "finished" and finished.steps == MAX_STEPS
+    assert outcomes["p-ok"].base_loads == 1  # one worker: the failed pack's base was dropped
+
+
 def test_no_run_is_left_running_when_the_driver_is_interrupted(tmp_path):
     from orchestrator.search.expand import expand
 

@@ -62,16 +62,27 @@ def test_finished_trial_is_not_trained_again(data, tmp_path):
     assert again.train_losses == first.train_losses and again.adapter is not None
 
 
-def test_half_written_checkpoint_is_ignored(data, tmp_path):
-    base = make_base(gc=False)
-    trial = _pair(steps=4)[0]
-    train_pack(base, [trial], datasets=data, checkpoint_dir=tmp_path, checkpoint_every=2)
-    folder = tmp_path / trial.trial_id
-    # A kill during the next write leaves a temporary folder; `latest` still names a whole one.
-    partial = folder / ".step-000006-dead"
-    partial.mkdir()
-    (partial / "adapter.safetensors").write_bytes(b"\0" * 10)
-    adapter, optimizer, state = ckpt.load(tmp_path, trial.trial_id)
-    assert state["step"] == 4 and state["status"] == "finished"
-    assert all(torch.isfinite(t).all() for t in adapter.values())
-    assert len([p for p in folder.glob("step-*")]) <= ckpt.KEEP
+@pytest.mark.parametrize("stage", ["rename", "replace"], ids=["before-rename", "before-pointer"])
+def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatch, stage):
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param])
+    param.grad = torch.ones(3)
+    optimizer.step()
+    ckpt.save(tmp_path, "t", {"w": torch.ones(3)}, optimizer, {"step": 2})
+
+    def kill(*args, **kwargs):
+        raise Killed
+
+    # Killed just before the step folder is renamed into place, or before `latest` moves to it.
+    monkeypatch.setattr(ckpt.os, stage, kill)
+    with pytest.raises(Killed):
+        ckpt.save(tmp_path, "t", {"w": torch.full((3,), 2.0)}, optimizer, {"step": 4})
+    monkeypatch.undo()
+    folder = tmp_path / "t"
+    dead = list(folder.glob(".step-000004-*")) if stage == "rename" else [folder / "step-000004"]
+    assert dead and all((d / "adapter.safetensors").exists() for d in dead)  # what the kill left
+    adapter, _, state = ckpt.load(tmp_path, "t")
+    assert state["step"] == 2 and torch.equal(adapter["w"], torch.ones(3))
+    ckpt.save(tmp_path, "t", {"w": torch.full((3,), 3.0)}, optimizer, {"step": 4})  # goes on
+    adapter, _, state = ckpt.load(tmp_path, "t")
+    assert state["step"] == 4 and torch.equal(adapter["w"], torch.full((3,), 3.0))
