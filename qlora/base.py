@@ -19,7 +19,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 @dataclass
 class Base:
-    """A loaded frozen base. `adapters` maps slot names to the trials currently injected."""
+    """A loaded frozen base. `layers` maps module paths to the MultiLoraLinear wrappers that hold
+    the adapters of the trials currently injected (filled by `qlora.adapters.inject`)."""
 
     spec: BaseSpec
     model: torch.nn.Module

@@ -1,7 +1,7 @@
 """Every name this project writes into MLflow: tags, params, metrics, artifact folders.
 
 One place, so the tracker, the registry, the loader, the report and the tests agree (layout in
-`shared/INTERFACE.md`). `trial_params` is a trial's config as MLflow params.
+README.md, "What you get"). `trial_params` is a trial's config as MLflow params.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ STOPPED_AT_STEP_TAG = "qlora.stopped_at_step"  # the rung's step
 STOP_REASON_TAG = "qlora.stop_reason"
 BEST_TRIAL_TAG = "qlora.best_trial_id"  # on the parent: the trial with the lowest final eval_loss
 BEST_RUN_TAG = "qlora.best_run_id"
-# Model Registry (orchestrator/registry.py): the alias of the best adapter and its lineage tags.
+# Model Registry (orchestrator/tracking/registry.py): the alias of the best adapter and its lineage tags.
 CHAMPION_ALIAS = "champion"
 LINEAGE_PREFIX = "qlora."  # + base_model, base_revision, quant_type, quant_double_quant,
 #                            quant_compute_dtype, data_hash, code_version, trial_id, eval_loss, ...

@@ -1,7 +1,7 @@
-"""MLflow: the one place that names its keys, and the sweep's only writer.
+"""`Tracker`: the sweep's only writer to MLflow (its key names: `orchestrator.tracking.keys`).
 
-Layout (promised in INTERFACE.md): one experiment; one parent run per sweep (run name = sweep
-name, tag `qlora.role=sweep`, the sweep definition as params); one child run per trial (tags
+Layout (promised to users in README.md, "What you get"): one experiment; one parent run per
+sweep (run name = sweep name, tag `qlora.role=sweep`, the sweep definition as params); one child run per trial (tags
 `mlflow.parentRunId`, `qlora.role=trial`, `qlora.trial_id`; every setting as a param; metrics
 `train_loss` per step and `eval_loss` per evaluation; the adapter under `adapter/`).
 
