@@ -187,19 +187,13 @@ def test_packing_does_not_change_a_trials_numbers(alone, packed):
                 assert math.isclose(a, b, rel_tol=1e-4), (key, mine, theirs)
 
 
-@pytest.mark.slow
-def test_an_engine_exception_fails_only_its_pack(ray_session, tmp_path):
+def _doomed_then_ok(config: Config, doomed, ok) -> dict:
+    """Dispatch a pack of `doomed` then one of `ok` on the session's Ray; outcomes by pack id."""
     from orchestrator.cluster.connect import connect, disconnect
     from orchestrator.cluster.dispatch import dispatch
     from orchestrator.cluster.events import PackOutcome
     from orchestrator.planner import Pack
-    from orchestrator.search.expand import expand
 
-    config = dataclasses.replace(_config(tmp_path, 1, None), sweep=SweepDef(
-        name="oom", params={"lora.r": [4, 8]}))
-    ok, doomed = expand(config)
-    doomed = dataclasses.replace(doomed, spec=dataclasses.replace(doomed.spec,
-                                                                  inject_oom_at_step=2))
     workers = connect(config.cluster)
     assert not workers.owns_ray  # the session's Ray, left running by disconnect()
     packs = [Pack("p-doomed", doomed.base, [doomed]), Pack("p-ok", ok.base, [ok])]
@@ -209,6 +203,19 @@ def test_an_engine_exception_fails_only_its_pack(ray_session, tmp_path):
     finally:
         disconnect(workers)
     assert outcomes.keys() == {"p-doomed", "p-ok"}
+    return outcomes
+
+
+@pytest.mark.slow
+def test_an_engine_exception_fails_only_its_pack(ray_session, tmp_path):
+    from orchestrator.search.expand import expand
+
+    config = dataclasses.replace(_config(tmp_path, 1, None), sweep=SweepDef(
+        name="oom", params={"lora.r": [4, 8]}))
+    ok, doomed = expand(config)
+    doomed = dataclasses.replace(doomed, spec=dataclasses.replace(doomed.spec,
+                                                                  inject_oom_at_step=2))
+    outcomes = _doomed_then_ok(config, doomed, ok)
     [failed] = outcomes["p-doomed"].results
     assert failed.status == "failed" and "OutOfMemoryError" in failed.reason
     assert "OutOfMemoryError" in outcomes["p-doomed"].error
@@ -221,10 +228,6 @@ def test_an_engine_exception_fails_only_its_pack(ray_session, tmp_path):
 def test_any_other_engine_error_fails_only_its_pack(ray_session, tmp_path):
     """Not out of memory: the worker fails the pack's trials with the error, drops its base,
     and the next pack trains on a freshly loaded one."""
-    from orchestrator.cluster.connect import connect, disconnect
-    from orchestrator.cluster.dispatch import dispatch
-    from orchestrator.cluster.events import PackOutcome
-    from orchestrator.planner import Pack
     from orchestrator.search.expand import expand
     from orchestrator.search.trials import apply, make_trial
 
@@ -235,13 +238,7 @@ def test_any_other_engine_error_fails_only_its_pack(ray_session, tmp_path):
     [ok] = expand(config)
     doomed = make_trial(apply(config, {"data.path": str(data)}), {"data.path": str(data)})
     data.unlink()  # the file went away after the sweep was checked
-    workers = connect(config.cluster)
-    packs = [Pack("p-doomed", doomed.base, [doomed]), Pack("p-ok", ok.base, [ok])]
-    try:
-        outcomes = {ev.pack_id: ev for events in dispatch(packs, workers) for ev in events
-                    if isinstance(ev, PackOutcome)}
-    finally:
-        disconnect(workers)
+    outcomes = _doomed_then_ok(config, doomed, ok)
     [failed] = outcomes["p-doomed"].results
     assert failed.status == "failed" and "gone.jsonl" in failed.reason
     assert not outcomes["p-doomed"].oom and outcomes["p-doomed"].interrupted == [doomed.trial_id]
