@@ -23,7 +23,18 @@ import subprocess
 import sys
 import time
 
-RANKS = (8, 16, 32, 64, 8, 16, 32, 64)
+RANK = 16
+#: The shapes the CPU rows run at: the tiny model (2 layers, width 128) and a wider one (4 layers,
+#: width 512, random weights: speed and memory do not depend on what the weights hold).
+SHAPES = {"tiny": {}, "wide": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=8)}
+
+
+def model_source(shape: str) -> str:
+    """The folder `from_pretrained` loads for a bench shape (built once, cached)."""
+    from qlora.tiny import tiny_model_path
+
+    return str(tiny_model_path(**SHAPES[shape]))
 
 
 def _peak_bytes() -> int:
@@ -44,10 +55,11 @@ def _setup(args: dict):
         torch.set_num_threads(1)
     from qlora import BaseSpec, DataSpec, TrialSpec
 
-    base = BaseSpec(name_or_path=args["model"], compute_dtype=args["dtype"],
+    base = BaseSpec(name_or_path=model_source(args["model"]), compute_dtype=args["dtype"],
                     gradient_checkpointing=True)
     data = DataSpec(seq_len=args["seq_len"], max_eval_examples=8, path=args.get("data"))
-    trials = [TrialSpec(trial_id=f"k{k}", seed=k, r=RANKS[k % len(RANKS)], alpha=16.0,
+    trials = [TrialSpec(trial_id=f"k{k}", seed=k, r=args.get("r", RANK), alpha=16.0,
+                        dropout=args.get("dropout", 0.0),
                         learning_rate=1e-3, max_steps=args["steps"],
                         micro_batch_size=args["micro_batch"], data=data,
                         optimizer=args.get("optimizer", "paged_adamw_32bit"))
@@ -87,16 +99,20 @@ def case_sequential(args: dict) -> dict:
     return {"wall_s": time.perf_counter() - t0, "peak_bytes": _peak_bytes()}
 
 
-def standard_recipe(path: str, dtype_name: str, r: int, alpha: float, lr: float):
+def standard_recipe(path: str, dtype_name: str, r: int, alpha: float, lr: float,
+                    dropout: float = 0.05):
     """The QLoRA paper's recipe with transformers + peft + bitsandbytes: nf4 + double quant,
     `prepare_model_for_kbit_training`, `get_peft_model` on all linears, paged AdamW 32-bit,
-    gradient checkpointing. Returns (model, trainable params, optimizer)."""
+    gradient checkpointing. Returns (model, trainable params, optimizer).
+
+    Its 4-bit linears get `_keep_cpu_layout` like the engine's, so on AVX512-BF16 CPUs both sides
+    compute in the same dtype through the same kernels (see qlora/base.py)."""
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora.base import DTYPES
+    from qlora.base import DTYPES, _keep_cpu_layout
 
     dtype = DTYPES[dtype_name]
     model = AutoModelForCausalLM.from_pretrained(
@@ -105,17 +121,19 @@ def standard_recipe(path: str, dtype_name: str, r: int, alpha: float, lr: float)
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype),
         device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"})
+    _keep_cpu_layout(model)
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05,
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params, bnb.optim.PagedAdamW32bit(params, lr=lr, weight_decay=0.0)
 
 
-def case_recipe(args: dict) -> dict:
-    """The standard QLoRA recipe (`standard_recipe`), one adapter, timed like `case_engine_one`."""
+def _recipe_trial(spec, trial) -> float:
+    """Load the base and train one trial with `standard_recipe`; returns the mean step time
+    over steps 2..N (step 1 holds one-time warm-up, as in `case_engine_one`)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -123,17 +141,14 @@ def case_recipe(args: dict) -> dict:
     from qlora.data import load_data
     from qlora.stream import TrialStream, collate
 
-    spec, trials = _setup(args)
-    trial = trials[0]
-    t0 = time.perf_counter()
     model, params, opt = standard_recipe(resolve_source(spec), spec.compute_dtype, trial.r,
-                                         trial.alpha, trial.learning_rate)
+                                         trial.alpha, trial.learning_rate, trial.dropout)
     tok = AutoTokenizer.from_pretrained(resolve_source(spec))
     data = load_data(trial.data, tok)
     stream = TrialStream(len(data.train), trial.micro_batch_size, trial.seed)
     device = next(model.parameters()).device
     model.train()
-    t_train = time.perf_counter()
+    marks = []
     for _ in range(trial.max_steps):
         batch = collate([[data.train[i] for i in stream.next_indices()]],
                         tok.pad_token_id, device)
@@ -143,11 +158,24 @@ def case_recipe(args: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    end = time.perf_counter()
-    return {"wall_s": end - t0, "train_s": end - t_train, "peak_bytes": _peak_bytes(),
-            "step_s": (end - t_train) / trial.max_steps}
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+    return (marks[-1] - marks[0]) / max(1, len(marks) - 1)
+
+
+def case_recipe(args: dict) -> dict:
+    """The standard QLoRA recipe (`standard_recipe`) for K trials in a row, each loading its own
+    base (what a shell loop over `train.py` does, minus Python start): wall is the sum."""
+    import gc
+
+    spec, trials = _setup(args)
+    t0 = time.perf_counter()
+    steps = []
+    for trial in trials:
+        steps.append(_recipe_trial(spec, trial))
+        gc.collect()
+    return {"wall_s": time.perf_counter() - t0, "peak_bytes": _peak_bytes(), "step_s": steps[0]}
 
 
 def case_engine_one(args: dict) -> dict:

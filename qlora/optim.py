@@ -53,7 +53,7 @@ def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def clip_(params: list[torch.nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
@@ -61,6 +61,6 @@ def clip_(params: list[torch.nn.Parameter], norm: torch.Tensor, max_norm: float)
     if max_norm <= 0:
         return
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(coef.to(p.grad.device))
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, coef.to(grads[0].device))

@@ -51,16 +51,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("QLORA_CACHE", Path.home() / ".cache" / "qlora-orchestrator"))
 
 
-def tiny_model_path() -> Path:
-    """The folder of the tiny model, built on first use (atomically, safe across processes)."""
-    key = stable_hash({"config": TINY_CONFIG, "seed": TINY_SEED, "chars": CHARS, "v": _VERSION}, 8)
+def tiny_model_path(**overrides) -> Path:
+    """The folder of the tiny model, built on first use (atomically, safe across processes).
+
+    `overrides` change `TINY_CONFIG` entries (e.g. `hidden_size=512, num_hidden_layers=4` for the
+    benchmarks' wider shape); each distinct config is its own cached folder.
+    """
+    config = {**TINY_CONFIG, **overrides}
+    key = stable_hash({"config": config, "seed": TINY_SEED, "chars": CHARS, "v": _VERSION}, 8)
     path = cache_root() / f"tiny-llama-{key}"
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
     try:
-        _build(tmp)
+        _build(tmp, config)
         try:
             os.rename(tmp, path)  # atomic; another process may have won the race
         except OSError:
@@ -95,7 +100,7 @@ def build_tokenizer():
     return tok
 
 
-def _build(folder: Path) -> None:
+def _build(folder: Path, shape: dict) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -105,7 +110,7 @@ def _build(folder: Path) -> None:
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        **TINY_CONFIG,
+        **shape,
     )
     gen = torch.Generator().manual_seed(TINY_SEED)
     with torch.random.fork_rng(devices=[]):

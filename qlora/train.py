@@ -16,8 +16,8 @@ What the recipe does, in the order it runs:
    free the slot and fill it from `next_trial` (backfill) without touching the base.
 
 Trade-offs: evaluation of K trials costs K passes' worth of rows (each adapter needs its own
-outputs); per-segment LoRA matmuls are small and issued one after another, which is cheap next to
-the base's matmul for realistic K and ranks.
+outputs); a pack's LoRA matmuls run batched over its adapters (qlora/layer.py), and logits are
+formed one segment at a time, so at most one segment's logits exist at once.
 """
 
 from __future__ import annotations
@@ -31,14 +31,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 
 from . import checkpoint
 from .adapters import adapter_state, inject, load_adapter_state, remove, routing_of
 from .base import Base
 from .config import DataSpec, TrialSpec, TrialStatus
 from .export import adapter_files
-from .layer import Segment
+from .layer import Segment, label
 from .optim import build_optimizer, clip_, grad_norm, lr_at
 from .stream import IGNORE, TrialStream, collate
 
@@ -232,7 +231,7 @@ def _micro_step(base: Base, active: list[_Slot], on_metrics) -> None:
         if slot.spec.inject_oom_at_step is not None and slot.step + 1 == slot.spec.inject_oom_at_step:
             raise torch.OutOfMemoryError(
                 f"injected out-of-memory at step {slot.step + 1} (trial {slot.spec.trial_id})")
-    with record_function("qlora.data"):
+    with label("qlora.data"):
         parts = [[slot.data.train[i] for i in slot.stream.next_indices()] for slot in active]
         batch = collate(parts, base.tokenizer.pad_token_id, base.device)
     routing = routing_of(base)
@@ -242,7 +241,7 @@ def _micro_step(base: Base, active: list[_Slot], on_metrics) -> None:
     offload = (torch.autograd.graph.save_on_cpu(pin_memory=True)
                if base.spec.activation_offload and base.device.type == "cuda"
                else contextlib.nullcontext())
-    with offload, record_function("qlora.forward"):
+    with offload, label("qlora.forward"):
         losses = _segment_losses(base, batch)
     total = None
     for slot, loss in zip(active, losses, strict=True):
@@ -253,7 +252,7 @@ def _micro_step(base: Base, active: list[_Slot], on_metrics) -> None:
         scaled = loss / slot.spec.grad_accum_steps
         total = scaled if total is None else total + scaled
     if total is not None:
-        with record_function("qlora.backward"):
+        with label("qlora.backward"):
             total.backward()
     routing.segments = []
     for slot in active:
@@ -308,7 +307,7 @@ def _optimizer_step(slot: _Slot, on_metrics) -> None:
     with warnings.catch_warnings():
         # bitsandbytes says at each step, on a CPU, that paged optimizers fall back to unpaged.
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported")
-        with record_function("qlora.optimizer"):
+        with label("qlora.optimizer"):
             slot.optimizer.step()
     slot.optimizer.zero_grad(set_to_none=True)
     slot.step += 1
@@ -327,7 +326,7 @@ def _optimizer_step(slot: _Slot, on_metrics) -> None:
 # -- evaluation ---------------------------------------------------------------------------------
 
 def _evaluate_and_report(base: Base, due: list[_Slot], on_metrics) -> None:
-    with record_function("qlora.eval"):
+    with label("qlora.eval"):
         losses = evaluate(base, [(s.key, s.data.eval) for s in due])
     for slot, loss in zip(due, losses, strict=True):
         slot.eval_due = False
