@@ -45,6 +45,12 @@ def _peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _rss_bytes() -> int:
+    """The process's resident memory now (CPU), read before the base loads: the imports' share."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _setup(args: dict):
     import bitsandbytes  # noqa: F401  (imports before any timer starts, in every case)
     import peft  # noqa: F401
@@ -70,14 +76,27 @@ def _setup(args: dict):
 def case_packed(args: dict) -> dict:
     from qlora import load_base, train_pack
 
+    from qlora import estimate_memory
+
     spec, trials = _setup(args)
+    estimate = estimate_memory(spec, trials, device_type="cuda" if _cuda() else "cpu").total
+    before = 0 if _cuda() else _rss_bytes()
     t0 = time.perf_counter()
     base = load_base(spec)
     t_load = time.perf_counter() - t0
     results = train_pack(base, trials)
     wall = time.perf_counter() - t0
+    # What the estimate predicts: CUDA max allocated, or on a CPU the RSS high-water above the
+    # RSS the imports had already taken before the base loaded.
     return {"wall_s": wall, "load_s": t_load, "peak_bytes": _peak_bytes(),
+            "pack_peak_bytes": _peak_bytes() - before, "estimate_bytes": estimate,
             "losses": [r.train_losses[-1] for r in results]}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def case_sequential(args: dict) -> dict:

@@ -7,12 +7,15 @@ cuts as many packs as keep every worker busy, but never more adapters per pack t
 `pack.max_adapters`, and balances their sizes so no pack is a straggler by construction.
 
 Packing never changes a trial's numbers (each adapter has its own data, init and optimizer), so
-the plan is free to choose by throughput alone. A memory budget per pack (the engine's estimate
-against the device's memory) is a later refinement of `_num_packs`.
+the plan is free to choose by throughput alone, within memory: with a `memory_budget` (bytes per
+worker) a pack holds at most as many adapters as `qlora.estimate_memory`, plus `MARGIN`, says fit
+(counting the group's largest trials, so any pack of that size fits). A worker on CUDA checks
+the estimate again against its free memory before it loads anything (`PackWorker.run_pack`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -21,6 +24,9 @@ from qlora.config import BaseSpec, stable_hash
 
 if TYPE_CHECKING:
     from orchestrator.search.trials import Trial
+
+#: The share of a budget kept free for what the estimate leaves out (allocator slack, fragmentation).
+MARGIN = 0.15
 
 
 @dataclass
@@ -32,13 +38,16 @@ class Pack:
     trials: list[Trial]
 
 
-def plan(trials: list[Trial], max_adapters: int, num_workers: int) -> list[Pack]:
+def plan(trials: list[Trial], max_adapters: int, num_workers: int,
+         memory_budget: int | None = None, device_type: str = "cpu") -> list[Pack]:
     """Split `trials` into packs of at most `max_adapters` that share a base and a seq_len.
 
     A group of n trials becomes max(ceil(n / max_adapters), min(n, num_workers)) packs whose sizes
     differ by at most one, each holding a contiguous run of the group in the order given. Groups
-    keep the order of their first trial. The result depends only on the arguments: pack ids are
-    hashes of the base and the trial ids, so the same sweep gives the same plan on any machine.
+    keep the order of their first trial. With `memory_budget`, `max_adapters` is lowered per
+    group to what fits it (see the module doc; at least 1). The result depends only on the
+    arguments: pack ids are hashes of the base and the trial ids, so the same sweep gives the
+    same plan on any machine.
     """
     if max_adapters < 1:
         raise ValueError(f"pack.max_adapters must be >= 1, got {max_adapters}")
@@ -51,12 +60,42 @@ def plan(trials: list[Trial], max_adapters: int, num_workers: int) -> list[Pack]
 
     packs: list[Pack] = []
     for group in groups.values():
-        for chunk in _balanced_chunks(group, _num_packs(len(group), max_adapters, num_workers)):
+        cap = max_adapters
+        if memory_budget is not None:
+            cap = fitting(group, max_adapters, memory_budget, device_type)
+        for chunk in _balanced_chunks(group, _num_packs(len(group), cap, num_workers)):
             index = len(packs)
             digest = stable_hash([chunk[0].base.fingerprint(), [t.trial_id for t in chunk]], 8)
             packs.append(Pack(pack_id=f"pack{index:03d}-{digest}", base=chunk[0].base,
                               trials=chunk))
     return packs
+
+
+def fitting(group: list[Trial], max_adapters: int, budget: int, device_type: str) -> int:
+    """The most adapters (1..max_adapters) of this group whose estimate, plus MARGIN, fits
+    `budget`: counted with the group's most memory-hungry trials, so any such pack fits."""
+    specs = sorted((t.spec for t in group), key=lambda s: estimate_bytes(group[0].base, [s],
+                                                                         device_type), reverse=True)
+    k = 1
+    while (k < min(max_adapters, len(specs))
+           and estimate_bytes(group[0].base, specs[:k + 1], device_type) * (1 + MARGIN) <= budget):
+        k += 1
+    return k
+
+
+def estimate_bytes(base: BaseSpec, specs: list, device_type: str) -> int:
+    """`qlora.estimate_memory`'s total for these trial specs as one pack (shapes read once)."""
+    from qlora import estimate_memory
+
+    return estimate_memory(base, specs, _shapes(base), device_type=device_type).total
+
+
+@functools.lru_cache(maxsize=8)
+def _shapes(base: BaseSpec) -> dict:
+    from qlora.base import resolve_source
+    from qlora.memory import model_shapes
+
+    return model_shapes(resolve_source(base), base.trust_remote_code)
 
 
 def pack_key(base: BaseSpec, seq_len: int) -> str:

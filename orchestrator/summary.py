@@ -22,6 +22,8 @@ from orchestrator.search.trials import Trial
 from orchestrator.tracking.keys import (
     DEVICES_TAG,
     EVAL_LOSS,
+    MEMORY_ESTIMATE_TAG,
+    MEMORY_PEAK_TAG,
     NODE_TAG,
     OOM_SPLITS_TAG,
     PACK_TAG,
@@ -49,6 +51,10 @@ def record_trial(trial: Trial, result: TrialResult, outcome: PackOutcome, tracke
         adapter_dir = write_adapter(result.adapter, folder / "adapter")
     placement: Placement | None = outcome.placement
     tags = {PACK_TAG: outcome.pack_id}
+    if outcome.memory_estimate is not None:
+        tags[MEMORY_ESTIMATE_TAG] = str(outcome.memory_estimate)
+    if outcome.memory_peak is not None:
+        tags[MEMORY_PEAK_TAG] = str(outcome.memory_peak)
     if placement is not None:
         tags[NODE_TAG] = placement.node_id
         if placement.cuda_visible_devices is not None:

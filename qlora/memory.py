@@ -121,3 +121,45 @@ def _targets(linears: dict, target_modules) -> list[tuple[int, int]]:
         return list(linears.values())
     return [s for path, s in linears.items()
             if any(path == t or path.endswith("." + t) for t in target_modules)]
+
+
+# -- measuring what the estimate predicts ---------------------------------------------------------
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux), e.g. before a base loads: the runtime's share."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak() -> None:
+    """Start a new peak: CUDA's max-allocated counter, or on a CPU the RSS high-water (VmHWM)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the peak resident set size to the current one
+    except OSError:  # not Linux, or not allowed: the peak then covers the process's life
+        pass
+
+
+def peak_bytes() -> int:
+    """The peak since `reset_peak`: CUDA max allocated, or the process's RSS high-water."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

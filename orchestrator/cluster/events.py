@@ -76,6 +76,9 @@ class PackOutcome:
     interrupted: list[str] = field(default_factory=list)  # trials that had not ended when it stopped
     retried: list[str] = field(default_factory=list)  # trials sent again in a new pack
     base_loads: int = 0  # times the worker loaded a base for this pack (0: it kept the last one)
+    memory_estimate: int | None = None  # qlora.estimate_memory's bytes for the pack
+    memory_peak: int | None = None  # measured: CUDA max allocated, or CPU RSS high-water above
+    #                                  the worker's RSS before its first base (see PackWorker)
 
 
 @dataclass

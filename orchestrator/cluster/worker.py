@@ -89,6 +89,16 @@ class PackWorker:
         self._queue = queue
         self._base = None
         self._loads = 0  # bases loaded so far (backfill and reuse keep this low)
+        # Import the engine now: Ray builds workers while the driver still plans and records,
+        # so the first pack does not wait for these imports.
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+
+        import qlora.train  # noqa: F401
+        from qlora.memory import rss_bytes
+
+        self._rss0 = rss_bytes()  # the runtime's share, left out of a CPU pack's measured peak
 
     def placement(self) -> Placement:
         """Where this worker runs and which devices Ray gave it."""
@@ -113,11 +123,21 @@ class PackWorker:
         """
         import torch
 
+        from orchestrator.planner import estimate_bytes
         from orchestrator.search.coordinator import WorkerHooks
         from qlora import train_pack
+        from qlora.memory import peak_bytes, reset_peak
 
         placement = self.placement()
         started = time.time()
+        cuda = torch.cuda.is_available()
+        estimate = estimate_bytes(base_spec, specs, "cuda" if cuda else "cpu")
+        refused = self._refuse(estimate, len(specs)) if cuda else None
+        if refused:  # cut before it runs: the driver splits it as after an out-of-memory
+            return PackOutcome(pack_id, [failed_result(s.trial_id, refused) for s in specs],
+                               placement, started, time.time(), refused, oom=True,
+                               interrupted=[s.trial_id for s in specs], memory_estimate=estimate)
+        reset_peak()
         emitter = _Emitter(self._queue)
         emitter.emit(PackStarted(pack_id, placement, started))
         ended: dict[str, object] = {}
@@ -158,8 +178,23 @@ class PackWorker:
         interrupted = [s.trial_id for s in specs if s.trial_id not in ended] if error else []
         results = [ended.get(s.trial_id) or failed_result(s.trial_id, f"pack failed: {error}")
                    for s in specs]
+        peak = peak_bytes() - (0 if cuda else self._rss0)
         return PackOutcome(pack_id, results, placement, started, time.time(), error, oom=oom,
-                           interrupted=interrupted, base_loads=self._loads - loads)
+                           interrupted=interrupted, base_loads=self._loads - loads,
+                           memory_estimate=estimate, memory_peak=peak)
+
+    def _refuse(self, estimate: int, n_trials: int) -> str | None:
+        """Why a pack of several trials would not fit this GPU's free memory (None: it fits)."""
+        import torch
+
+        from orchestrator.planner import MARGIN
+
+        # Memory this worker holds (a kept base) is free to the pack too.
+        available = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()
+        if n_trials < 2 or estimate * (1 + MARGIN) <= available:
+            return None
+        return (f"OutOfMemoryError: the pack's estimate {estimate / 2**30:.2f} GiB (+{MARGIN:.0%})"
+                f" exceeds the {available / 2**30:.2f} GiB free on this GPU")
 
     def _base_for(self, spec: BaseSpec):
         # Memory options (gradient checkpointing, offload) are applied at load time, so a base is

@@ -67,3 +67,30 @@ RUNGS = Rule(
     "a non-empty increasing list of fractions of train.max_steps in (0, 1), e.g. [0.25, 0.5]",
     lambda v: bool(v) and all(0 < x < 1 for x in v)
     and all(a < b for a, b in zip(v, v[1:], strict=False)))
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def parse_bytes(value) -> int | None:
+    """A memory size as bytes: an integer, or a number with a unit ("2GiB", "512MB"); None stays
+    None. Raises ValueError for anything else."""
+    if value is None:
+        return None
+    match = _SIZE.match(str(value))
+    if match is None:
+        raise ValueError(f"not a memory size: {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _size_ok(value) -> bool:
+    try:
+        return value is None or parse_bytes(value) > 0
+    except ValueError:
+        return False
+
+
+MEMORY_SIZE = Rule("a memory size per worker such as 2GiB, 512MB or a number of bytes, or null",
+                   _size_ok)

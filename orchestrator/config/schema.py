@@ -15,6 +15,7 @@ from typing import Any
 
 from orchestrator.config.rules import (
     ADDRESS,
+    MEMORY_SIZE,
     MODEL_NAME,
     NAME,
     RUNGS,
@@ -135,6 +136,9 @@ class TrainCfg:
 class PackCfg:
     max_adapters: int = setting(4, "trials sharing one frozen base on one worker; 1 = one run "
                                    "per worker", Rule("an integer in 1..64", lambda v: 1 <= v <= 64))
+    memory_budget: str | None = setting(
+        None, "per worker, e.g. 2GiB: packs are cut so that qlora.estimate_memory fits it "
+              "(null: a GPU worker's free memory; on a CPU no cut)", MEMORY_SIZE)
 
 
 @dataclass

@@ -22,6 +22,7 @@ import dataclasses
 from collections import OrderedDict
 
 from orchestrator.cluster.connect import WorkerPlan, worker_env
+from orchestrator.config.rules import parse_bytes
 from orchestrator.config.schema import Config
 from orchestrator.planner import Pack, pack_key, plan
 from orchestrator.search.asha import Asha, eval_every_for, rung_steps
@@ -38,6 +39,8 @@ class SearchRun:
         self.config = config
         self.num_workers = max(1, workers.num_workers)
         self.slots = self.num_workers * config.pack.max_adapters
+        self._memory = dict(memory_budget=parse_bytes(config.pack.memory_budget),
+                            device_type="cuda" if workers.gpus_per_worker else "cpu")
         self.scheduler = config.sweep.scheduler
         self._optuna: OptunaSearch | None = None
         if config.sweep.strategy == "optuna":
@@ -68,7 +71,7 @@ class SearchRun:
     def plan(self, trials: list[Trial]) -> list[Pack]:
         """The packs that start `trials`; with a scheduler, the rest wait for a freed slot."""
         if self._coordinator is None:
-            return plan(trials, self.config.pack.max_adapters, self.num_workers)
+            return plan(trials, self.config.pack.max_adapters, self.num_workers, **self._memory)
         import ray
 
         for trial in trials:
@@ -86,7 +89,7 @@ class SearchRun:
             if group[self.slots:]:
                 ray.get(self._coordinator.add_waiting.remote(
                     key, [t.spec for t in group[self.slots:]]))
-        return plan(first, self.config.pack.max_adapters, self.num_workers)
+        return plan(first, self.config.pack.max_adapters, self.num_workers, **self._memory)
 
     def dispatch_options(self) -> dict:
         """`dispatch`'s coordinator and refill for this search (none for a fixed list)."""
@@ -125,7 +128,7 @@ class SearchRun:
         for group in waiting:
             specs = ray.get(self._coordinator.take.remote(group, self.config.pack.max_adapters))
             trials = [dataclasses.replace(by_id[s.trial_id], spec=s) for s in specs]
-            packs += plan(trials, self.config.pack.max_adapters, 1)
+            packs += plan(trials, self.config.pack.max_adapters, 1, **self._memory)
         for p in packs:
             self._new_packs[p.pack_id] = [t.trial_id for t in p.trials]
         return packs

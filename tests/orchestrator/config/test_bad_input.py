@@ -151,6 +151,8 @@ def test_bad_input_is_one_line_and_status_2(runs, name, expected):
     ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size"),
     ({"train": {"eval_every": -1}}, "train.eval_every"),
     ({"cluster": {"num_workers": 0}}, "cluster.num_workers"),
+    ({"pack": {"memory_budget": "lots"}}, "pack.memory_budget"),
+    ({"pack": {"memory_budget": "0GiB"}}, "pack.memory_budget"),
     ({"cluster": {"max_retries": -1}}, "cluster.max_retries"),
     ({"tracking": {"uri": "./mlruns"}}, "tracking.uri"),
     ({"cluster": {"address": "127.0.0.1"}}, "cluster.address"),
