@@ -1,4 +1,4 @@
-"""Predicted peak memory of a pack, for the scheduler to pack trials against a device's memory.
+"""Predicted peak memory of a pack, for the planner to cut packs to a device's memory.
 
 The formula (bytes; N = tokens per micro-step of one trial = micro_batch_size x seq_len, L
 layers, h hidden size, i intermediate size, V vocabulary, K trials, b = bytes of compute dtype):
@@ -7,22 +7,30 @@ layers, h hidden size, i intermediate size, V vocabulary, K trials, b = bytes of
                        block constants: 32/64 bits, or 8/64 + 32/(64*256) with double quant
                  + sum over int8 linears of n x 1 byte + 4 bytes per output row       int8
                  + n x b for linears when quant is none
-                 + every other weight (embeddings, norms, lm_head) x 4   (upcast by PEFT's
-                   prepare_model_for_kbit_training; x b when quant is none)
+                 + every other weight (embeddings, norms, lm_head) x 4   (kept in float32 for
+                   k-bit training; x b when quant is none)
     adapters     = sum_k P_k x 4      (P_k = sum over targeted linears r_k (in + out), fp32)
     gradients    = sum_k P_k x 4
     optimizer    = sum_k P_k x 8      (AdamW 32-bit: two fp32 moments; 8-bit: x 2)
-    activations  = sum_k N_k x per_token, where per_token is
-                     with checkpointing:   L x h x b  (each block's input)  +  one block's worth
-                     without:              L x (10 h + 4 i) x b
-                   one block's worth = (10 h + 4 i) x b, plus per adapter and targeted linear the
-                   dropout input h x 4 and the rank-r output r x 4
+    activations  = sum_k N_k x per_token, with block = (10 h + 4 i) x b plus, per targeted
+                   linear of a layer, the adapter's input h x 4 and rank-r output r x 4:
+                     CUDA, checkpointing:  L x h x b (each block's input) + one block
+                     CUDA, without:        L x block
+                     CPU:                  1.2 x L x block with checkpointing, 1.4 x without
     logits       = max_k N_k x V x 4 x 3   (fp32 logits, softmax and its gradient, one trial at a
                    time since losses are formed per segment)
-    overhead     = a fixed 0.6 GiB on CUDA (context, cuBLAS workspace, allocator slack)
+    overhead     = CUDA: a fixed 0.6 GiB (context, cuBLAS workspace, allocator slack)
+                   CPU:  36 MiB (what the first load and step add to a process's RSS besides
+                         tensors) + the quantized linears at n x b (their 16/32-bit weights are
+                         read before quantization, and the allocator keeps those pages)
 
-It is an estimate, not a bound: it is calibrated against measured peaks by the GPU benchmark
-(BENCHMARKS.md) and the planner keeps a safety margin.
+What it predicts on a CPU is the process's RSS high-water above its RSS before the base loaded
+(the Python and torch runtime left out); on CUDA, `torch.cuda.max_memory_allocated` plus the
+overhead. The CPU activation factors and the 36 MiB are fitted to `make bench`'s CPU rows: a
+CPU allocator keeps the pages of the checkpointed recompute and of the backward pass, so the
+RSS high-water exceeds a whole un-checkpointed graph's activations even with checkpointing
+(BENCHMARKS.md gives estimate against measured). The GPU terms are not yet checked against a GPU run. It is an estimate, not a bound:
+the planner keeps a safety margin, and a pack that still runs out of memory is split.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from .config import BaseSpec, TrialSpec
 
 GIB = 1024**3
 CUDA_OVERHEAD = int(0.6 * GIB)
+CPU_RUNTIME = 36 * 2**20
+CPU_ACTIVATION_FACTOR = {True: 1.2, False: 1.4}  # keyed by gradient checkpointing
 _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -95,6 +105,8 @@ def estimate_memory(spec: BaseSpec, trials: list[TrialSpec], shapes: dict | None
     b = _BYTES[spec.compute_dtype]
     base = sum(quantized_linear_bytes(i * o, o, spec) for i, o in shapes["linears"].values())
     base += shapes["other"] * (4 if spec.quant_type != "none" else b)
+    loaded_unquantized = (sum(i * o for i, o in shapes["linears"].values()) * b
+                          if spec.quant_type != "none" else 0)
 
     h, i, L, V = shapes["hidden"], shapes["intermediate"], shapes["layers"], shapes["vocab"]
     adapter_params, act, logit_tokens = 0, 0, 0
@@ -106,13 +118,19 @@ def estimate_memory(spec: BaseSpec, trials: list[TrialSpec], shapes: dict | None
         optimizer += p * (2 if t.optimizer == "paged_adamw_8bit" else 8)
         n = t.micro_batch_size * t.data.seq_len
         block = (10 * h + 4 * i) * b + len(targets) / max(1, L) * (h + t.r) * 4
-        per_token = (L * h * b + block) if spec.gradient_checkpointing else L * block
+        if device_type != "cuda":
+            per_token = CPU_ACTIVATION_FACTOR[spec.gradient_checkpointing] * L * block
+        elif spec.gradient_checkpointing:
+            per_token = L * h * b + block
+        else:
+            per_token = L * block
         act += n * per_token
         logit_tokens = max(logit_tokens, n)
     return MemoryEstimate(
         base=int(base), adapters=adapter_params * 4, gradients=adapter_params * 4,
         optimizer=int(optimizer), activations=int(act), logits=int(logit_tokens * V * 4 * 3),
-        overhead=CUDA_OVERHEAD if device_type == "cuda" else 0,
+        overhead=CUDA_OVERHEAD if device_type == "cuda" else CPU_RUNTIME + int(
+            loaded_unquantized),
     )
 
 
