@@ -1,8 +1,8 @@
 """`make bench`: the engine's ratios on this machine, printed as a table and saved as JSON.
 
-    python -m bench                  # CPU: the tiny model (a few minutes on 2 cores)
+    python -m bench                  # CPU: tiny and wide shapes (about 6 minutes on 2 cores)
     python -m bench --gpu            # GPU: Llama-3-8B-shaped model (see bench/gpu.py)
-    python -m bench --quick          # fewer steps and K values, for a smoke run
+    python -m bench --quick          # tiny only, fewer steps and K values, for a smoke run
 
 Every row is a ratio of two measurements taken in this same run, each in its own subprocess.
 """
@@ -15,7 +15,7 @@ import platform
 import time
 from pathlib import Path
 
-from .engine import run_case
+from .engine import SHAPES, run_case
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -31,36 +31,35 @@ def _machine() -> str:
 
 
 def packing_rows(base_args: dict, ks: list[int]) -> list[dict]:
+    """Packed K vs the standard recipe run K times in a row, each loading its base."""
     rows = []
     for k in ks:
         args = {**base_args, "k": k}
-        packed, seq = run_case("packed", args), run_case("sequential", args)
-        tokens = k * args["steps"] * args["micro_batch"] * args["seq_len"]
-        # The packed run's peak holds K adapters at once; the sequential baseline's separate runs
-        # would each hold a base: their sum is the memory of K runs side by side.
-        single = run_case("sequential", {**args, "k": 1})["peak_bytes"]
+        packed, recipe = run_case("packed", args), run_case("recipe", args)
         rows.append({
-            "K": k, "packed_s": packed["wall_s"], "sequential_s": seq["wall_s"],
-            "wall_ratio": packed["wall_s"] / seq["wall_s"],
-            "packed_tok_s": tokens / packed["wall_s"], "sequential_tok_s": tokens / seq["wall_s"],
+            "shape": args["model"], "K": k, "packed_s": packed["wall_s"],
+            "recipe_s": recipe["wall_s"], "wall_ratio": packed["wall_s"] / recipe["wall_s"],
             "packed_peak_MiB": packed["peak_bytes"] / 2**20,
-            "separate_sum_MiB": k * single / 2**20,
-            "peak_ratio_vs_sum": packed["peak_bytes"] / (k * single),
+            "recipe_peak_MiB": recipe["peak_bytes"] / 2**20,
+            "estimate_MiB": packed["estimate_bytes"] / 2**20,
+            "measured_MiB": packed["pack_peak_bytes"] / 2**20,
+            "estimate_ratio": packed["estimate_bytes"] / packed["pack_peak_bytes"],
         })
-        print(f"  K={k}: packed {packed['wall_s']:.1f}s vs one-after-another {seq['wall_s']:.1f}s "
-              f"-> x{rows[-1]['wall_ratio']:.2f} wall; peak x{rows[-1]['peak_ratio_vs_sum']:.2f} "
-              f"of {k} separate runs", flush=True)
+        r = rows[-1]
+        print(f"  {args['model']:4s} K={k}: packed {r['packed_s']:5.1f}s vs recipe x{k} "
+              f"{r['recipe_s']:5.1f}s -> x{r['wall_ratio']:.2f} wall | peak RSS "
+              f"{r['packed_peak_MiB']:.0f} vs {r['recipe_peak_MiB']:.0f} MiB | estimate "
+              f"{r['estimate_MiB']:.0f} vs measured {r['measured_MiB']:.0f} MiB "
+              f"(x{r['estimate_ratio']:.2f})", flush=True)
     return rows
 
 
-def recipe_row(base_args: dict) -> dict:
+def step_row(base_args: dict) -> dict:
+    """One adapter's step: this engine vs the standard recipe (steps 2..N, loads excluded)."""
     args = {**base_args, "k": 1}
     ours, theirs = run_case("engine_one", args), run_case("recipe", args)
-    return {"engine_step_s": ours["step_s"], "recipe_step_s": theirs["step_s"],
-            "step_ratio": ours["step_s"] / theirs["step_s"],
-            "engine_peak_MiB": ours["peak_bytes"] / 2**20,
-            "recipe_peak_MiB": theirs["peak_bytes"] / 2**20,
-            "peak_ratio": ours["peak_bytes"] / theirs["peak_bytes"]}
+    return {"shape": args["model"], "engine_step_s": ours["step_s"],
+            "recipe_step_s": theirs["step_s"], "step_ratio": ours["step_s"] / theirs["step_s"]}
 
 
 def profile_row(base_args: dict) -> dict:
@@ -99,23 +98,29 @@ def main(argv: list[str] | None = None) -> int:
         from .gpu import main as gpu_main
 
         return gpu_main([])
-    args = {"model": "tiny", "dtype": "float32", "seq_len": 128, "micro_batch": 4,
-            "steps": 6 if opts.quick else 20}
+    args = {"model": "tiny", "dtype": "float32", "seq_len": 128, "micro_batch": 2,
+            "steps": 4 if opts.quick else 10}
     ks = [1, 4] if opts.quick else [1, 2, 4, 8]
+    shapes = ["tiny"] if opts.quick else list(SHAPES)
     started = time.time()
-    print(f"engine benchmarks on {_machine()}, tiny model, seq_len {args['seq_len']}, "
-          f"micro-batch {args['micro_batch']}, {args['steps']} steps", flush=True)
-    # Build the tiny model and the tokenized-data cache once, outside every measurement.
-    run_case("packed", {**args, "k": 1, "steps": 1})
-    print("1. packed vs one-after-another (each loading its own base)", flush=True)
+    print(f"engine benchmarks on {_machine()}: r=16, dropout 0, NF4 + double quant, fp32, "
+          f"gradient checkpointing, batch {args['micro_batch']} x {args['seq_len']}, "
+          f"{args['steps']} steps per trial; shapes {', '.join(shapes)}", flush=True)
+    for shape in shapes:  # build the models and the tokenized-data cache outside every timer
+        run_case("packed", {**args, "model": shape, "k": 1, "steps": 1})
+    print("1. packed K vs the standard recipe (transformers+peft+bnb) K times in a row, each "
+          "loading its base; wall with loads; estimate vs measured = the pack's RSS above the "
+          "process's RSS before its base loaded", flush=True)
     report = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "args": args,
-              "packing": packing_rows(args, ks)}
-    print("2. one adapter: this engine vs the standard QLoRA recipe (transformers+peft+bnb)",
+              "packing": [row for shape in shapes
+                          for row in packing_rows({**args, "model": shape}, ks)]}
+    print("2. one adapter's step time (K=1, steps 2..N): this engine vs the standard recipe",
           flush=True)
-    report["recipe"] = r = recipe_row(args)
-    print(f"  step {r['engine_step_s'] * 1e3:.0f} ms vs {r['recipe_step_s'] * 1e3:.0f} ms "
-          f"-> x{r['step_ratio']:.2f}; peak {r['engine_peak_MiB']:.0f} vs "
-          f"{r['recipe_peak_MiB']:.0f} MiB -> x{r['peak_ratio']:.2f}", flush=True)
+    report["step"] = []
+    for shape in shapes:
+        report["step"].append(r := step_row({**args, "model": shape}))
+        print(f"  {shape:4s}: {r['engine_step_s'] * 1e3:.0f} ms vs {r['recipe_step_s'] * 1e3:.0f}"
+              f" ms -> x{r['step_ratio']:.2f}", flush=True)
     print("3. where a packed run's time goes (K=4; labels nest: base_linear and lora run inside "
           "forward, and again inside backward when checkpointing recomputes the blocks)",
           flush=True)

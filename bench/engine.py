@@ -4,21 +4,25 @@ Every measured configuration runs in a fresh subprocess (`python -m bench.engine
 its peak memory (CUDA: `max_memory_allocated`; CPU: peak RSS) is its own and one case's caches
 cannot flatter the next. Needs only torch, transformers, peft, bitsandbytes: no Ray or MLflow.
 
+Every trial: r=16, alpha 16, dropout 0, its own seed, fp32 compute, NF4 + double quant, gradient
+checkpointing, paged AdamW 32-bit, the bundled data at the given seq_len and micro-batch.
+
 Cases:
-- `packed`   : K trials (ranks 8..64) trained together on one base, load included.
-- `sequential`: the same K trials one after another, each loading its own base (what a Ray Tune or
-               shell-loop sweep does), in one process: wall time is the sum, peak is the max.
-- `recipe`   : one adapter with the standard QLoRA recipe: transformers `BitsAndBytesConfig`
-               (nf4, double quant), `prepare_model_for_kbit_training`, `get_peft_model`, paged
-               AdamW, gradient checkpointing; the same model, data, steps and batch.
-- `profile`  : where one packed step's time goes (torch.profiler, labels from the engine).
+- `packed`    : K trials trained together on one base, load, final evaluation and adapter export
+                included; also the pack's `estimate_memory` and its measured peak (CPU: RSS
+                high-water above the RSS before the base loaded).
+- `recipe`    : the same K trials with the standard QLoRA recipe (`standard_recipe`: transformers
+                `BitsAndBytesConfig`, `prepare_model_for_kbit_training`, `get_peft_model`, paged
+                AdamW), one after another in one process, each loading its own base: wall time is
+                the sum, peak the max. `step_s` is its first trial's mean step.
+- `engine_one`: one trial with this engine, `step_s` timed like the recipe's (steps 2..N).
+- `profile`   : where one packed step's time goes (torch.profiler, labels from the engine).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -38,17 +42,10 @@ def model_source(shape: str) -> str:
 
 
 def _peak_bytes() -> int:
-    import torch
+    """The process's peak: CUDA max allocated, or its RSS high-water (runtime included)."""
+    from qlora.memory import peak_bytes
 
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _rss_bytes() -> int:
-    """The process's resident memory now (CPU), read before the base loads: the imports' share."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return peak_bytes()
 
 
 def _setup(args: dict):
@@ -80,7 +77,9 @@ def case_packed(args: dict) -> dict:
 
     spec, trials = _setup(args)
     estimate = estimate_memory(spec, trials, device_type="cuda" if _cuda() else "cpu").total
-    before = 0 if _cuda() else _rss_bytes()
+    from qlora.memory import rss_bytes
+
+    before = 0 if _cuda() else rss_bytes()
     t0 = time.perf_counter()
     base = load_base(spec)
     t_load = time.perf_counter() - t0
@@ -97,25 +96,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def case_sequential(args: dict) -> dict:
-    import gc
-
-    import torch
-
-    from qlora import load_base, train_pack
-
-    spec, trials = _setup(args)
-    t0 = time.perf_counter()
-    for trial in trials:
-        base = load_base(spec)
-        train_pack(base, [trial])
-        del base
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return {"wall_s": time.perf_counter() - t0, "peak_bytes": _peak_bytes()}
 
 
 def standard_recipe(path: str, dtype_name: str, r: int, alpha: float, lr: float,
@@ -237,7 +217,7 @@ def case_profile(args: dict) -> dict:
     return {"wall_s": wall, "seconds_by_label": totals}
 
 
-CASES = {"packed": case_packed, "sequential": case_sequential, "recipe": case_recipe,
+CASES = {"packed": case_packed, "recipe": case_recipe,
          "engine_one": case_engine_one, "profile": case_profile}
 
 

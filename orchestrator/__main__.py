@@ -75,10 +75,14 @@ def _task(cfg: Any) -> int:
         print(_dry_run(config))
         _State.codes.append(0)
         return 0
+    # Ray starts now, in the background, while the sweep module's imports (MLflow, torch) load.
+    from orchestrator.cluster.background import start_connect
+
+    cluster = start_connect(config.cluster)
     from orchestrator.sweep import run_sweep
 
     try:
-        code = int(run_sweep(config))
+        code = int(run_sweep(config, cluster))
     except ConfigError as e:  # a setup problem only the run could see (e.g. the store's schema)
         _fail(e)
     _State.codes.append(code)

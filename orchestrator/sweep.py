@@ -3,9 +3,10 @@
 In the order it runs:
 
 1. **Expand** the sweep into trials (`orchestrator.search.expand`), each with a stable id.
-2. **Open the ledger** (`Tracker`): the experiment, the parent run, one child run per trial.
-   A store that cannot be opened is a config error (exit 2) found before Ray starts.
-3. **Connect** to Ray (`cluster.connect`) and **plan** packs for that many workers.
+2. **Open the ledger** (`Tracker`): the experiment, the parent run, one child run per trial,
+   while Ray starts in a background thread (`cluster.background`). A store that cannot be
+   opened is a config error (exit 2); the Ray started meanwhile is shut down again.
+3. **Connect** to Ray (the background start's result) and **plan** packs for that many workers.
 4. **Dispatch** packs; every poll, streamed metrics go to the tracker (buffered) and the console,
    and each ended pack's trials are recorded: adapter written under
    `<output_dir>/<sweep>/<trial>/adapter/`, logged as the run's `adapter/` artifacts, run ended.
@@ -32,11 +33,13 @@ import shutil
 import signal
 import sys
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from orchestrator.cluster.connect import connect, disconnect
+from orchestrator.cluster.background import abandon, start_connect
+from orchestrator.cluster.connect import disconnect
 from orchestrator.cluster.dispatch import dispatch
 from orchestrator.cluster.events import (
     MetricsEvent,
@@ -73,18 +76,27 @@ SUMMARY_FILE = "summary.json"
 INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C
 
 
-def run_sweep(config: Config) -> int:
+def run_sweep(config: Config, cluster: Future | None = None) -> int:
     """Run every trial of `config`'s sweep; 0 if all finished, 1 if any failed, 2 on a bad setup,
     130 when interrupted (Ctrl-C: runs end KILLED and the command that resumes is printed).
 
     Bad setup (store or cluster unreachable) prints one `error:` line naming the key. With
     `resume=true`, the latest unfinished sweep of the same name continues (see the module's
-    docstring); if there is none, a note says so and a new sweep starts.
+    docstring); if there is none, a note says so and a new sweep starts. `cluster` may be a
+    `start_connect(config.cluster)` the caller began already (the CLI does, before importing this).
     """
-    trials = expand(config)
+    cluster = cluster or start_connect(config.cluster)
     try:
+        trials = expand(config)
         tracker = _open_tracker(config)
-        workers = connect(config.cluster)
+    except BaseException as e:
+        abandon(cluster)
+        if not isinstance(e, ConfigError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        workers = cluster.result()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
