@@ -8,23 +8,39 @@ at module level: importing Ray itself is part of what runs in the background.
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+import time
+from concurrent.futures import Future
 
 from orchestrator.config.schema import ClusterCfg
+
+PARK_S = 0.5
 
 
 def start_connect(cluster: ClusterCfg) -> Future:
     """`connect(cluster)` running in a thread; its result is the WorkerPlan (or its error)."""
-
-    def run():
-        from orchestrator.cluster.connect import connect
-
-        return connect(cluster)
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-start")
-    future = pool.submit(run)
-    pool.shutdown(wait=False)
+    future: Future = Future()
+    threading.Thread(target=_connect, args=(cluster, future), name="ray-start",
+                     daemon=True).start()
     return future
+
+
+def _connect(cluster: ClusterCfg, future: Future) -> None:
+    from orchestrator.cluster.connect import connect
+
+    try:
+        plan = connect(cluster)
+    except BaseException as e:
+        future.set_exception(e)
+        return
+    future.set_result(plan)
+    if plan.owns_ray:
+        import ray
+
+        # Ray's local processes die with the thread that started them (Linux's parent-death
+        # signal is per thread), so this thread lives until the sweep shuts Ray down.
+        while ray.is_initialized():
+            time.sleep(PARK_S)
 
 
 def abandon(future: Future) -> None:
