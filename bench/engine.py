@@ -71,9 +71,7 @@ def _setup(args: dict):
 
 
 def case_packed(args: dict) -> dict:
-    from qlora import load_base, train_pack
-
-    from qlora import estimate_memory
+    from qlora import estimate_memory, load_base, train_pack
 
     spec, trials = _setup(args)
     estimate = estimate_memory(spec, trials, device_type="cuda" if _cuda() else "cpu").total
