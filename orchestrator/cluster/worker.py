@@ -131,8 +131,11 @@ class PackWorker:
         placement = self.placement()
         started = time.time()
         cuda = torch.cuda.is_available()
-        estimate = estimate_bytes(base_spec, specs, "cuda" if cuda else "cpu")
-        refused = self._refuse(estimate, len(specs)) if cuda else None
+        try:
+            estimate = estimate_bytes(base_spec, specs, "cuda" if cuda else "cpu")
+        except Exception:  # a model whose config the estimate cannot read: load it anyway
+            estimate = None
+        refused = self._refuse(estimate, len(specs)) if cuda and estimate else None
         if refused:  # cut before it runs: the driver splits it as after an out-of-memory
             return PackOutcome(pack_id, [failed_result(s.trial_id, refused) for s in specs],
                                placement, started, time.time(), refused, oom=True,
