@@ -13,8 +13,8 @@ Cases:
                 high-water above the RSS before the base loaded).
 - `recipe`    : the same K trials with the standard QLoRA recipe (`standard_recipe`: transformers
                 `BitsAndBytesConfig`, `prepare_model_for_kbit_training`, `get_peft_model`, paged
-                AdamW), one after another in one process, each loading its own base: wall time is
-                the sum, peak the max. `step_s` is its first trial's mean step.
+                AdamW), one after another in one process, each loading its own base and ending
+                with the same final evaluation: wall time is the sum, peak the max. `step_s` is its first trial's mean step.
 - `engine_one`: one trial with this engine, `step_s` timed like the recipe's (steps 2..N).
 - `profile`   : where one packed step's time goes (torch.profiler, labels from the engine).
 """
@@ -129,14 +129,16 @@ def standard_recipe(path: str, dtype_name: str, r: int, alpha: float, lr: float,
 
 
 def _recipe_trial(spec, trial) -> float:
-    """Load the base and train one trial with `standard_recipe`; returns the mean step time
-    over steps 2..N (step 1 holds one-time warm-up, as in `case_engine_one`)."""
+    """Load the base, train one trial with `standard_recipe` and evaluate it once on its held-out
+    examples (as the engine does at a trial's end); returns the mean step time over steps 2..N
+    (step 1 holds one-time warm-up, as in `case_engine_one`)."""
     import torch
     from transformers import AutoTokenizer
 
     from qlora.base import resolve_source
     from qlora.data import load_data
     from qlora.stream import TrialStream, collate
+    from qlora.train import EVAL_BATCH_SIZE
 
     model, params, opt = standard_recipe(resolve_source(spec), spec.compute_dtype, trial.r,
                                          trial.alpha, trial.learning_rate, trial.dropout)
@@ -158,6 +160,13 @@ def _recipe_trial(spec, trial) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         marks.append(time.perf_counter())
+    # The final evaluation the engine runs for every trial: the same held-out examples, batched.
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(data.eval), EVAL_BATCH_SIZE):
+            batch = collate([data.eval[i:i + EVAL_BATCH_SIZE]], tok.pad_token_id, device)
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  labels=batch.labels)
     return (marks[-1] - marks[0]) / max(1, len(marks) - 1)
 
 
