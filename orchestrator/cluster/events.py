@@ -40,12 +40,13 @@ class PackStarted:
 
 @dataclass
 class MetricsEvent:
-    """What the engine reported for one trial at one optimizer step (`on_metrics`)."""
+    """What the engine reported for one trial at one optimizer step (`on_metrics`): floats, and
+    at an evaluation also `samples` (`qlora.metrics.SAMPLES`), its generated answers."""
 
     pack_id: str
     trial_id: str
     step: int
-    metrics: dict[str, float]
+    metrics: dict  # name -> float; `samples` -> list of dicts
     time: float
 
 

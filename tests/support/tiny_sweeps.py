@@ -101,6 +101,8 @@ SPEC_PARAMS = {
     "micro_batch_size": "train_micro_batch_size", "grad_accum_steps": "train_grad_accum_steps",
     "max_grad_norm": "train_max_grad_norm", "optimizer": "train_optimizer",
     "eval_every": "train_eval_every", "inject_oom_at_step": "train_inject_oom_at_step",
+    "eval_samples": "eval_num_samples", "eval_max_new_tokens": "eval_max_new_tokens",
+    "eval_metric": "eval_metric",
     "data.path": "data_path", "data.format": "data_format", "data.eval_path": "data_eval_path",
     "data.eval_fraction": "data_eval_fraction", "data.seq_len": "train_seq_len",
     "data.train_on_prompt": "data_train_on_prompt", "data.skip_invalid": "data_skip_invalid",

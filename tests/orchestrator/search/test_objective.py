@@ -101,6 +101,7 @@ def rows_of(run) -> dict:
 @pytest.mark.slow
 def test_each_evaluation_logs_scores_and_a_samples_table(runs):
     _, run = runs
+    assert tiny_sweeps.assert_params_are_what_ran(run) == 2  # eval.* included
     for row in run.summary["trials"]:
         run_id = row["run_id"]
         for key in ("eval_loss", "eval_exact_match", "eval_token_f1", "eval_shared_chars"):
