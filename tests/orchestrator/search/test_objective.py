@@ -122,3 +122,35 @@ def test_each_evaluation_logs_scores_and_a_samples_table(runs):
     text = side.read_text()
     assert all(f"**{name}**" in text for name in rows_of(run))
     assert "Say yes." in text or "Pick a letter." in text
+
+
+def test_asha_keeps_the_trials_best_by_the_objective():
+    from orchestrator.search.asha import Asha
+    from orchestrator.search.coordinator import SearchCoordinator
+    from orchestrator.search.objective import Objective
+
+    objective = Objective("eval_exact_match", "max")
+    coordinator = SearchCoordinator(Asha([0.5], eta=2, num_trials=4, objective=objective),
+                                    objective)
+    coordinator.add_trials([(t, 10) for t in "abcd"])
+    # Low loss but few exact answers loses to high loss and many, in this mode.
+    assert not coordinator.report("a", 5, {"eval_loss": 3.0, "eval_exact_match": 0.9})
+    assert not coordinator.report("b", 5, {"eval_loss": 2.5, "eval_exact_match": 0.7})
+    assert coordinator.report("c", 5, {"eval_loss": 0.5, "eval_exact_match": 0.1})
+    stop = coordinator.stops()["c"]
+    assert stop.reason.startswith("asha: eval_exact_match 0.1000 at rung 1")
+    by_loss = SearchCoordinator(Asha([0.5], eta=2, num_trials=4), Objective())
+    by_loss.add_trials([(t, 10) for t in "abcd"])
+    for t, loss in (("a", 3.0), ("b", 2.5)):
+        assert not by_loss.report(t, 5, {"eval_loss": loss, "eval_exact_match": 0.9})
+    assert not by_loss.report("c", 5, {"eval_loss": 0.5, "eval_exact_match": 0.1})
+
+
+@pytest.mark.parametrize("mode, direction", [("min", "MINIMIZE"), ("max", "MAXIMIZE")])
+def test_optuna_study_direction_follows_the_mode(mode, direction):
+    from orchestrator.config.validate import validate
+    from orchestrator.search.optuna_rounds import OptunaSearch
+
+    cfg = validate({"sweep": {"strategy": "optuna", "num_trials": 2, "objective": "eval_token_f1",
+                              "mode": mode, "params": {"lora.r": [4, 8]}}})
+    assert OptunaSearch(cfg).study.direction.name == direction
