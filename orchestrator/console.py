@@ -90,8 +90,10 @@ class Console:
             return
         total = self._trials[trial_id].spec.max_steps
         if "eval_loss" in metrics:
+            scores = "".join(f"  {k} {metrics[k]:.3f}" for k in ("eval_exact_match", "eval_token_f1")
+                             if k in metrics)
             self.print(f"{self._name(trial_id)}  step {step}/{total}  "
-                       f"eval_loss {metrics['eval_loss']:.4f}")
+                       f"eval_loss {metrics['eval_loss']:.4f}{scores}")
         elif "train_loss" in metrics and (step % self._every[trial_id] == 0 or step == 1):
             self.print(f"{self._name(trial_id)}  step {step}/{total}  "
                        f"train_loss {metrics['train_loss']:.4f}")
