@@ -44,22 +44,19 @@ def greedy(base: Base, parts: list[tuple[str, list[list[int]]]],
     routing = routing_of(base)
     base.model.eval()
     rounds = max(math.ceil(len(p) / GEN_BATCH_SIZE) for _, p in parts)
-    try:
-        for r in range(rounds):
-            chunk = [(i, key, p[r * GEN_BATCH_SIZE:(r + 1) * GEN_BATCH_SIZE])
-                     for i, (key, p) in enumerate(parts)]
-            chunk = [c for c in chunk if c[2]]
-            segments, start = [], 0
-            for _, key, prompts in chunk:
-                segments.append(Segment(key, start, start + len(prompts)))
-                start += len(prompts)
-            routing.segments = segments
+    for r in range(rounds):
+        chunk = [(i, key, p[r * GEN_BATCH_SIZE:(r + 1) * GEN_BATCH_SIZE])
+                 for i, (key, p) in enumerate(parts)]
+        chunk = [c for c in chunk if c[2]]
+        segments, start = [], 0
+        for _, key, prompts in chunk:
+            segments.append(Segment(key, start, start + len(prompts)))
+            start += len(prompts)
+        with routing.route(segments):
             answers = _decode_rows(base, [p for _, _, prompts in chunk for p in prompts],
                                    max_new_tokens)
-            for (i, _, _), seg in zip(chunk, segments, strict=True):
-                out[i].extend(answers[seg.start:seg.end])
-    finally:
-        routing.segments = []
+        for (i, _, _), seg in zip(chunk, segments, strict=True):
+            out[i].extend(answers[seg.start:seg.end])
     return out
 
 

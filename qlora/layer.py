@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -51,9 +53,30 @@ class Segment:
 
 @dataclass
 class Routing:
-    """Which rows go to which adapter in the current pass; shared by every MultiLoraLinear."""
+    """Which rows go to which adapter in the current pass; shared by every MultiLoraLinear.
+
+    Set only through `route`, which checks the segments before any compute and always resets
+    them, so a pass can never run with the rows of an earlier one.
+    """
 
     segments: list[Segment] = field(default_factory=list)
+
+    @contextmanager
+    def route(self, segments: list[Segment]) -> Iterator[None]:
+        """Route rows to adapters for the passes inside the block (backward included, since
+        checkpointed blocks recompute their forward there)."""
+        if self.segments:
+            raise RuntimeError("routing is already set: passes of two packs cannot nest")
+        end = 0
+        for seg in segments:
+            if seg.start != end or seg.end <= seg.start:
+                raise ValueError(f"routing segments must tile the batch in order, got {segments}")
+            end = seg.end
+        self.segments = list(segments)
+        try:
+            yield
+        finally:
+            self.segments = []
 
 
 def _seed_of(*parts: object) -> int:

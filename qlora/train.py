@@ -146,7 +146,6 @@ def train_pack(
     finally:
         for slot in slots:
             remove(base, slot.key)
-        routing_of(base).segments = []
     return results
 
 
@@ -244,27 +243,27 @@ def _micro_step(base: Base, active: list[_Slot], on_metrics) -> None:
     with label("qlora.data"):
         parts = [[slot.data.train[i] for i in slot.stream.next_indices()] for slot in active]
         batch = collate(parts, base.tokenizer.pad_token_id, base.device)
-    routing = routing_of(base)
-    routing.segments = [Segment(s.key, a, b, tick=s.micro, width=s.spec.data.seq_len)
-                        for s, (a, b) in zip(active, batch.bounds, strict=True)]
+    segments = [Segment(s.key, a, b, tick=s.micro, width=s.spec.data.seq_len)
+                for s, (a, b) in zip(active, batch.bounds, strict=True)]
     base.model.train()
     offload = (torch.autograd.graph.save_on_cpu(pin_memory=True)
                if base.spec.activation_offload and base.device.type == "cuda"
                else contextlib.nullcontext())
-    with offload, label("qlora.forward"):
-        losses = _segment_losses(base, batch)
-    total = None
-    for slot, loss in zip(active, losses, strict=True):
-        if not torch.isfinite(loss):
-            _end(slot, TrialStatus.DIVERGED, f"diverged at step {slot.step + 1}: loss is {loss.item()}")
-            continue
-        slot.pending.append(loss.item())
-        scaled = loss / slot.spec.grad_accum_steps
-        total = scaled if total is None else total + scaled
-    if total is not None:
-        with label("qlora.backward"):
-            total.backward()
-    routing.segments = []
+    with routing_of(base).route(segments):
+        with offload, label("qlora.forward"):
+            losses = _segment_losses(base, batch)
+        total = None
+        for slot, loss in zip(active, losses, strict=True):
+            if not torch.isfinite(loss):
+                _end(slot, TrialStatus.DIVERGED,
+                     f"diverged at step {slot.step + 1}: loss is {loss.item()}")
+                continue
+            slot.pending.append(loss.item())
+            scaled = loss / slot.spec.grad_accum_steps
+            total = scaled if total is None else total + scaled
+        if total is not None:
+            with label("qlora.backward"):
+                total.backward()
     for slot in active:
         slot.micro += 1
         if slot.done:
@@ -366,14 +365,14 @@ def evaluate(base: Base, parts: list[tuple[str, list]]) -> list[float]:
                  for i, (key, ex) in enumerate(parts)]
         chunk = [c for c in chunk if c[2]]
         batch = collate([c[2] for c in chunk], base.tokenizer.pad_token_id, base.device)
-        routing.segments = [Segment(key, a, b) for (_, key, _), (a, b)
-                            in zip(chunk, batch.bounds, strict=True)]
-        hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state
+        segments = [Segment(key, a, b) for (_, key, _), (a, b)
+                    in zip(chunk, batch.bounds, strict=True)]
+        with routing.route(segments):
+            hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state
         for (i, _, _), (start, end) in zip(chunk, batch.bounds, strict=True):
             total, n_tokens = _token_loss(model, hidden, batch.labels, start, end)
             sums[i] += total.item()
             counts[i] += n_tokens
-    routing.segments = []
     return [s / max(1, c) for s, c in zip(sums, counts, strict=True)]
 
 
@@ -381,12 +380,8 @@ def evaluate(base: Base, parts: list[tuple[str, list]]) -> list[float]:
 def adapter_logits(base: Base, slot: str, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of the base with adapter `slot` alone (eval mode): for checks against PEFT."""
-    routing = routing_of(base)
-    routing.segments = [Segment(slot, 0, input_ids.shape[0])]
     base.model.eval()
-    try:
+    with routing_of(base).route([Segment(slot, 0, input_ids.shape[0])]):
         return base.model(input_ids=input_ids.to(base.device),
                           attention_mask=None if attention_mask is None
                           else attention_mask.to(base.device)).logits
-    finally:
-        routing.segments = []
