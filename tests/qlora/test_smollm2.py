@@ -9,7 +9,15 @@ import json
 import pytest
 import torch
 
-from qlora import BaseSpec, DataSpec, TrialSpec, adapter_logits, load_base, train_pack, write_adapter
+from qlora import (
+    BaseSpec,
+    DataSpec,
+    TrialSpec,
+    adapter_logits,
+    load_base,
+    train_pack,
+    write_adapter,
+)
 from qlora.adapters import inject, load_adapter_state, remove
 from qlora.base import _keep_cpu_layout, quantization_config
 from qlora.export import PEFT_PREFIX
