@@ -21,6 +21,7 @@ import json
 import math
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="training steps (table 2)")
     parser.add_argument("--eval", type=int, default=64, help="held-out examples (table 2)")
     opts = parser.parse_args(argv)
+    # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16 (what int8 does)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt")
     if opts.quick:
         opts.windows, opts.window, opts.steps, opts.eval = 2, 64, 2, 8
     started = time.time()

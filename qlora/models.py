@@ -227,6 +227,19 @@ def resolve(name_or_path: str) -> str | None:
     return None if gguf is None else str(converted_path(gguf))
 
 
+def gguf_lineage(name_or_path: str) -> dict[str, str]:
+    """{'gguf_file', 'gguf_sha256'} when `name_or_path` is a known model or a GGUF file (or a
+    folder holding one), else {}: what a run records of where its base came from."""
+    if name_or_path in KNOWN:
+        return {"gguf_file": str(known_path(name_or_path)),
+                "gguf_sha256": KNOWN[name_or_path].sha256}
+    gguf = gguf_file(name_or_path)
+    if gguf is None or not gguf.is_file():
+        return {}
+    gguf = gguf.resolve()
+    return {"gguf_file": str(gguf), "gguf_sha256": sha256_file(gguf)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m qlora.models fetch NAME...` fetches and converts known models ahead of time;
     `python -m qlora.models list` names them."""
