@@ -26,11 +26,9 @@ from .adapters import routing_of
 from .base import Base
 from .config import IGNORE, TrialSpec
 from .layer import Segment
-from .metrics import BUILTIN, load_metric, metric_name, score
+from .metrics import BUILTIN, SAMPLES, load_metric, metric_name, score
 
 GEN_BATCH_SIZE = 16  # prompts per adapter per generation call (rows = this x adapters)
-#: Key of the samples in the metrics `train_pack` reports at an evaluation (not a float metric).
-SAMPLES = "samples"
 
 __all__ = ["GEN_BATCH_SIZE", "SAMPLES", "greedy", "judge", "prompt_and_reference"]
 

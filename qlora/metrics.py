@@ -17,8 +17,10 @@ from collections import Counter
 from collections.abc import Callable
 
 Metric = Callable[[str, str], float]
+#: Key of the samples in the metrics `train_pack` reports at an evaluation (not a float metric).
+SAMPLES = "samples"
 
-__all__ = ["BUILTIN", "Metric", "exact_match", "load_metric", "metric_name", "normalize",
+__all__ = ["BUILTIN", "SAMPLES", "Metric", "exact_match", "load_metric", "metric_name", "normalize",
            "score", "token_f1"]
 
 
