@@ -72,16 +72,17 @@ def write_side_by_side(client, parent, trials, path: Path, top: int = TOP) -> Pa
             entry["answers"][row["name"]] = s
     for i, (prompt, entry) in enumerate(by_prompt.items(), 1):
         lines += ["", f"## {i}", "", "```", prompt.rstrip(), "```", "",
-                  f"reference: `{_inline(entry['reference'])}`", "",
+                  f"reference: `{inline(entry['reference'])}`", "",
                   "| trial | answer | exact_match |", "|---|---|---|"]
         for row, _, _ in picked:
             s = entry["answers"].get(row["name"])
-            answer, em = ("-", "-") if s is None else (f"`{_inline(s['prediction'])}`",
+            answer, em = ("-", "-") if s is None else (f"`{inline(s['prediction'])}`",
                                                        f"{s.get('exact_match', 0):g}")
             lines.append(f"| {row['name']} | {answer} | {em} |")
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _inline(text) -> str:
+def inline(text) -> str:
+    """`text` on one line of a markdown table: newlines shown as \\n, pipes and backticks escaped."""
     return str(text or "").replace("\n", "\\n").replace("|", "\\|").replace("`", "'")
