@@ -121,7 +121,9 @@ def judge(base: Base, due: list[tuple[str, list, TrialSpec]]) -> list[tuple[dict
     picked = []
     for _, examples, spec in due:
         pairs = [prompt_and_reference(ex) for ex in examples[:spec.eval_samples]]
-        picked.append([(p, [t for t in r if t != eos]) for p, r in pairs if p])
+        # A row with no prompt beyond bos (plain text data) has nothing to answer.
+        picked.append([(p, [t for t in r if t != eos]) for p, r in pairs
+                       if any(t != tok.bos_token_id for t in p)])
     answers = greedy(base, [(key, [p for p, _ in pairs]) for (key, _, _), pairs
                             in zip(due, picked, strict=True)],
                      max((spec.eval_max_new_tokens for *_, spec in due), default=0))

@@ -11,13 +11,12 @@ What the recipe does, in the order it runs:
 4. **Per trial, every `grad_accum_steps` micro-steps:** its gradient norm (NaN/inf: diverged),
    clipping of its own gradients, its learning rate for the step, its optimizer step.
 5. **Evaluate** trials that are due (every `eval_every` steps and at the end) together, each on
-   its own held-out split; report metrics through `on_metrics`, which may stop a trial early.
+   its own held-out split; with `eval_samples`, each also answers held-out prompts greedily, all
+   in the same model calls (`qlora.generate`): scores join `eval_loss`, answers come under
+   `samples` (`qlora.metrics.SAMPLES`). Metrics go through `on_metrics`, which may stop a trial.
 6. **Close** finished trials: export the adapter in PEFT's format, report through `on_trial_end`,
    free the slot and fill it from `next_trial` (backfill) without touching the base.
 
-   With `eval_samples`, each due trial also answers held-out prompts greedily, all in the same
-   model calls (`qlora.generate`); their scores join `eval_loss` and the answers come under
-   `samples` (`qlora.generate.SAMPLES`), not a float.
 Trade-offs: evaluation of K trials costs K passes' worth of rows (each adapter needs its own
 outputs); per-segment LoRA matmuls are small and issued one after another, which is cheap next to
 the base's matmul for realistic K and ranks.
