@@ -17,6 +17,7 @@ from rich.console import Console as RichConsole
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from orchestrator.search.objective import Objective
 from qlora.config import TrialStatus
 
 if TYPE_CHECKING:
@@ -112,25 +113,30 @@ class Console:
             self._progress = None
 
     def summary(self, sweep_name: str, rows: list[dict], *, adapters_dir: str,
-                parent_run_id: str | None, tracking_uri: str, experiment: str) -> None:
-        """The leaderboard (best eval_loss first), failures with reasons, and where things are.
+                parent_run_id: str | None, tracking_uri: str, experiment: str,
+                objective: Objective | None = None) -> None:
+        """The leaderboard (best `objective` first, default eval_loss), failures with reasons,
+        and where things are.
 
-        `rows` hold name, lora_r, lora_alpha, learning_rate, eval_loss, status, reason.
+        `rows` hold name, lora_r, lora_alpha, learning_rate, eval_loss, eval_metrics, status, reason.
         """
         self.close()
-        ranked = sorted(rows, key=_rank_key)
+        objective = objective or Objective()
+        ranked = objective.ranked(rows)
+        other = [] if objective.metric == "eval_loss" else [objective.metric]
         failed = [r for r in rows if not TrialStatus(r["status"]).succeeded]
         table = Table(title=f"sweep {sweep_name}: {len(rows) - len(failed)} of {len(rows)} "
                             "trials finished", box=box.SIMPLE_HEAD, title_justify="left")
         for col, justify in (("#", "right"), ("trial", "left"), ("rank", "right"),
                              ("alpha", "right"), ("lr", "right"), ("eval_loss", "right"),
-                             ("status", "left")):
+                             *((m, "right") for m in other), ("status", "left")):
             table.add_column(col, justify=justify, no_wrap=True)
         for i, r in enumerate(ranked, 1):
             eval_loss = r.get("eval_loss")
             table.add_row(str(i), r["name"], str(r["lora_r"]), f"{r['lora_alpha']:g}",
                           f"{r['learning_rate']:g}",
-                          "-" if eval_loss is None else f"{eval_loss:.4f}", r["status"])
+                          "-" if eval_loss is None else f"{eval_loss:.4f}",
+                          *(_num(objective.of_row(r)) for _ in other), r["status"])
         self.rich.print(table)
         for r in failed:
             self.print(f"{r['status']}: {r['name']}: {r.get('reason') or 'no reason given'}")
@@ -144,10 +150,8 @@ class Console:
         return trial.name if trial is not None else trial_id
 
 
-def _rank_key(row: dict):
-    ok = TrialStatus(row["status"]).succeeded and row.get("eval_loss") is not None
-    loss = row.get("eval_loss")
-    return (not ok, loss if ok and math.isfinite(loss) else math.inf, row["name"])
+def _num(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
 def _where(placement: Placement | None) -> str:

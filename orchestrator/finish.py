@@ -2,10 +2,11 @@
 
 `finish_sweep` runs once every trial has been recorded, before the parent run ends:
 
-1. **Figures**: the best trial (lowest final eval_loss among those that finished), the training
+1. **Figures**: the best trial (best final `sweep.objective` among those that finished), the training
    steps the sweep spent and those it would have spent had every trial run to its `max_steps`
    (a grid's cost; ASHA's saving is their ratio). On the parent run as tags and metrics, in
-   `summary.json` under `search`, and printed.
+   `summary.json` under `search`, and printed. The leaderboard goes in the parent run's
+   description (markdown), so the MLflow UI shows the result on the run's page.
 2. **Registry** (`tracking.register_as=NAME`): the best adapter as `models:/NAME@champion`.
 3. **Report**: the plots of `orchestrator.report`, written beside `summary.json` and logged to
    the parent run under `report/`.
@@ -15,12 +16,18 @@ None of these may lose the sweep's results: a failure is reported as a warning l
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.config.schema import Config
-from orchestrator.tracking.keys import BEST_RUN_TAG, BEST_TRIAL_TAG, CHAMPION_ALIAS, REGISTERED_TAG
+from orchestrator.search.objective import Objective, leaderboard_markdown
+from orchestrator.tracking.keys import (
+    BEST_RUN_TAG,
+    BEST_TRIAL_TAG,
+    CHAMPION_ALIAS,
+    NOTE_TAG,
+    REGISTERED_TAG,
+)
 from orchestrator.tracking.tracker import Tracker
 from qlora.config import TrialStatus
 
@@ -33,18 +40,17 @@ class Finish:
     lines: list[str] = field(default_factory=list)
 
 
-def best_row(rows: list[dict]) -> dict | None:
-    """The finished trial with the lowest final eval_loss (None if no trial finished)."""
-    done = [r for r in rows if r.get("status") == TrialStatus.FINISHED and r.get("eval_loss") is not None
-            and math.isfinite(r["eval_loss"])]
-    return min(done, key=lambda r: (r["eval_loss"], r["name"]), default=None)
+def best_row(rows: list[dict], objective: Objective | None = None) -> dict | None:
+    """The finished trial with the best final objective (default: the lowest eval_loss), or None."""
+    return (objective or Objective()).best(rows)
 
 
-def figures(rows: list[dict], trials) -> dict:
+def figures(rows: list[dict], trials, objective: Objective | None = None) -> dict:
     """The best trial and the steps spent, against every trial run to its end."""
+    objective = objective or Objective()
     steps = sum(int(r.get("steps") or 0) for r in rows)
     full = sum(t.spec.max_steps for t in trials)
-    best = best_row(rows)
+    best = best_row(rows, objective)
     return {
         "num_trials": len(trials),
         "stopped_early": sum(r.get("status") == TrialStatus.STOPPED for r in rows),
@@ -54,6 +60,9 @@ def figures(rows: list[dict], trials) -> dict:
         "best_trial_id": best["trial_id"] if best else None,
         "best_trial": best["name"] if best else None,
         "best_eval_loss": best["eval_loss"] if best else None,
+        "objective": objective.metric,
+        "mode": objective.mode,
+        f"best_{objective.metric}": objective.of_row(best) if best else None,
         "best_run_id": best["run_id"] if best else None,
     }
 
@@ -61,17 +70,21 @@ def figures(rows: list[dict], trials) -> dict:
 def finish_sweep(config: Config, tracker: Tracker, rows: list[dict], trials,
                  out_dir: Path) -> Finish:
     """Figures, registry and report for a sweep whose trials are all recorded (see above)."""
-    done = Finish(summary=figures(rows, trials))
+    objective = Objective.of(config)
+    done = Finish(summary=figures(rows, trials, objective))
     fig = done.summary
-    best = best_row(rows)
+    best = best_row(rows, objective)
     if best is not None:
         done.lines += [
-            f"best:       eval_loss {fig['best_eval_loss']:.4f} ({fig['best_trial']})",
+            f"best:       {objective.metric} {fig['best_' + objective.metric]:.4f} "
+            f"({fig['best_trial']}, {objective.mode})",
             f"steps:      {fig['training_steps']} training steps, x{fig['steps_ratio']:.2f} of the "
             f"{fig['training_steps_if_all_ran']} of every trial run to its end "
             f"({fig['stopped_early']} of {fig['num_trials']} stopped early)",
         ]
     _warn_on_error(done, "search figures", lambda: _log_figures(tracker, fig))
+    _warn_on_error(done, "leaderboard", lambda: tracker.set_sweep_tags({NOTE_TAG: leaderboard_markdown(
+        rows, objective, f"sweep {config.sweep.name}: {len(rows)} trials")}))
     if config.tracking.register_as:
         if best is None or not best.get("adapter_dir"):
             done.lines.append(f"warning: tracking.register_as={config.tracking.register_as}: no "
@@ -88,8 +101,9 @@ def _log_figures(tracker: Tracker, fig: dict) -> None:
     if fig["best_trial_id"]:
         tracker.set_sweep_tags({BEST_TRIAL_TAG: fig["best_trial_id"],
                                 BEST_RUN_TAG: fig["best_run_id"]})
-    metrics = {k: fig[k] for k in ("best_eval_loss", "training_steps", "training_steps_if_all_ran",
-                                   "steps_ratio") if fig[k] is not None}
+    keys = ("best_eval_loss", f"best_{fig['objective']}", "training_steps",
+            "training_steps_if_all_ran", "steps_ratio")
+    metrics = {k: fig[k] for k in keys if fig[k] is not None}
     for key, value in metrics.items():
         tracker.client.log_metric(tracker.parent_run_id, key, float(value))
 
@@ -99,7 +113,7 @@ def _register(config: Config, tracker: Tracker, best: dict, done: Finish) -> Non
 
     name = config.tracking.register_as
     version = register_best(tracker.client, name, best, sweep=config.sweep.name,
-                            parent_run_id=tracker.parent_run_id)
+                            parent_run_id=tracker.parent_run_id, objective=Objective.of(config))
     uri = f"models:/{name}/{version.version}"
     tracker.set_sweep_tags({REGISTERED_TAG: uri})
     done.summary["registered"] = {"name": name, "version": int(version.version),

@@ -4,6 +4,8 @@
                         dashed and ending in a cross, so a search's early stops show).
 - `eval_vs_params.png`: each trial's last eval_loss against lora_r, lora_alpha and learning_rate
                         (log scales; hollow markers for stopped trials, a star on the best).
+- `samples_side_by_side.md`: the best trials' (by `sweep.objective`) generated answers to the same
+                        prompts, with the reference (`orchestrator.side_by_side`).
 
 At the end of every sweep they are written beside `summary.json` and logged to the parent run
 under `report/`. To rebuild them for a past sweep:
@@ -56,6 +58,7 @@ class TrialCurves:
     params: dict[str, float]
     train: list[tuple[int, float]] = field(default_factory=list)
     eval: list[tuple[int, float]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # each metric's last value
 
     @property
     def final_eval(self) -> float | None:
@@ -96,6 +99,7 @@ def read_trials(client, parent) -> list[TrialCurves]:
                              run.data.tags.get(STATUS_TAG, run.info.status.lower()), params)
         curves.train = _history(client, run.info.run_id, TRAIN_LOSS)
         curves.eval = _history(client, run.info.run_id, EVAL_LOSS)
+        curves.metrics = dict(run.data.metrics)
         trials.append(curves)
     return trials
 
@@ -190,6 +194,11 @@ def report_for(client, parent, out_dir: str | Path, *, log: bool = True) -> list
     title = f"sweep {name}: {len(trials)} trials (parent run {parent.info.run_id[:8]})"
     paths = [plot_loss_curves(trials, out / LOSS_CURVES, title),
              plot_eval_vs_params(trials, out / EVAL_VS_PARAMS, title)]
+    from orchestrator.side_by_side import SIDE_BY_SIDE, write_side_by_side
+
+    answers = write_side_by_side(client, parent, trials, out / SIDE_BY_SIDE)
+    if answers is not None:
+        paths.append(answers)
     if log:
         for path in paths:
             client.log_artifact(parent.info.run_id, str(path), REPORT_DIR)

@@ -59,6 +59,8 @@ def record_trial(trial: Trial, result: TrialResult, outcome: PackOutcome, tracke
     tracker.end_trial(result, adapter_dir, tags)
     return trial_row(
         trial, status=result.status, steps=result.steps, eval_loss=result.eval_loss,
+        eval_metrics={k: v for k, v in (result.eval_metrics or {}).items() if k != EVAL_LOSS},
+        samples=list(result.samples or []),
         reason=result.reason, run_id=tracker.run_ids[trial.trial_id], adapter_dir=adapter_dir,
         pack_id=outcome.pack_id, pack_started=outcome.started, pack_ended=outcome.ended,
         placement=asdict(placement) if placement is not None else None,
@@ -73,17 +75,22 @@ def trial_row(trial: Trial, *, status, steps: int | None, eval_loss: float | Non
               reason: str | None = None, pack_id: str | None = None,
               pack_started: float | None = None, pack_ended: float | None = None,
               placement: dict | None = None, stopped_at_rung: int | None = None,
-              stop_reason: str | None = None, trained: dict | None = None) -> dict:
+              stop_reason: str | None = None, trained: dict | None = None,
+              eval_metrics: dict | None = None, samples: list | None = None) -> dict:
     """The one shape of a trial's row in `summary.json`, whoever ran it.
 
     `trained` is the engine's spec as the worker trained with it (None for a trial an earlier
-    driver finished): what ran, beside what the sweep asked for.
+    driver finished): what ran, beside what the sweep asked for. `eval_metrics` are the last
+    evaluation's scores besides eval_loss; `samples` its generated answers (empty for a trial an
+    earlier driver finished: they are in its run's samples/ tables).
     """
     return {
         "trial_id": trial.trial_id, "name": trial.name, "params": trial.params,
         "lora_r": trial.spec.r, "lora_alpha": trial.spec.alpha,
         "learning_rate": trial.spec.learning_rate,
-        "status": status, "steps": steps, "eval_loss": eval_loss, "reason": reason,
+        "status": status, "steps": steps, "eval_loss": eval_loss,
+        "eval_metrics": dict(eval_metrics or {}), "samples": list(samples or []),
+        "reason": reason,
         "run_id": run_id, "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
         "pack_id": pack_id, "pack_started": pack_started, "pack_ended": pack_ended,
         "placement": placement, "stopped_at_rung": stopped_at_rung, "stop_reason": stop_reason,
@@ -110,6 +117,8 @@ def with_finished(rows: list[dict], trials: list[Trial], finished_runs: dict,
             trial, status=TrialStatus(tags.get(STATUS_TAG, TrialStatus.FINISHED)),
             steps=int(tags[STEPS_TAG]) if STEPS_TAG in tags else None,
             eval_loss=run.data.metrics.get(EVAL_LOSS), run_id=run.info.run_id,
+            eval_metrics={k: v for k, v in run.data.metrics.items()
+                          if k.startswith("eval_") and k != EVAL_LOSS},
             adapter_dir=adapter_dir if adapter_dir.is_dir() else None,
             pack_id=tags.get(PACK_TAG), dispatched=False,
             stopped_at_rung=int(rung) if rung is not None else None,

@@ -51,6 +51,7 @@ from orchestrator.console import Console
 from orchestrator.finish import finish_sweep
 from orchestrator.planner import Pack
 from orchestrator.search.expand import expand
+from orchestrator.search.objective import Objective
 from orchestrator.search.run import SearchRun
 from orchestrator.search.trials import Trial
 from orchestrator.summary import (
@@ -136,7 +137,7 @@ def run_sweep(config: Config) -> int:
         return INTERRUPTED
     console.summary(config.sweep.name, rows, adapters_dir=str(out_dir),
                     parent_run_id=tracker.parent_run_id, tracking_uri=tracker.uri,
-                    experiment=tracker.experiment_name)
+                    experiment=tracker.experiment_name, objective=Objective.of(config))
     for line in finished.lines:  # the search's figures, the registered adapter, the report
         console.print(line)
     exit_code = 1 if failed else 0

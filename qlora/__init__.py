@@ -20,6 +20,7 @@ _EXPORTS = {
     "stable_hash": "config",
     "adapter_files": "export", "write_adapter": "export",
     "MemoryEstimate": "memory", "estimate_memory": "memory",
+    "greedy": "generate", "judge": "generate",
     "TrialResult": "train", "adapter_logits": "train", "evaluate": "train", "train_pack": "train",
 }
 __all__ = sorted(_EXPORTS)

@@ -96,6 +96,8 @@ LIMITS = {
     "max_grad_norm": Limit(0),
     "optimizer": Limit(choices=OPTIMIZERS),
     "eval_every": Limit(0, integer=True),
+    "eval_samples": Limit(0, integer=True),
+    "eval_max_new_tokens": Limit(1, 4096, integer=True),
     "inject_oom_at_step": Limit(1, integer=True, optional=True),
 }
 
@@ -199,6 +201,9 @@ class TrialSpec:
     optimizer: str = "paged_adamw_32bit"
     # evaluation
     eval_every: int = 0  # 0 = only at the end
+    eval_samples: int = 0  # eval prompts answered greedily at each evaluation (0 = none)
+    eval_max_new_tokens: int = 32  # longest answer, in tokens (eos ends one sooner)
+    eval_metric: str | None = None  # package.module:function(prediction, reference) -> float
     data: DataSpec = field(default_factory=DataSpec)
     # fault injection for tests: raise torch.OutOfMemoryError at this step (None = never)
     inject_oom_at_step: int | None = None

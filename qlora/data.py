@@ -48,7 +48,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = 2  # bump when tokenization or splitting changes, so stale disk caches are ignored
+_CACHE_VERSION = 3  # bump when tokenization or splitting changes, so stale disk caches are ignored
 _MEMORY: dict[str, TokenizedData] = {}
 
 
@@ -59,6 +59,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # same length; -100 where no loss is taken (prompt, when masked)
     position_ids: list[int] | None = None  # packed rows only: restart at 0 at each example
+    prompt_len: int | None = None  # tokens before the response (bos + prompt); None in packed rows
 
 
 @dataclass
@@ -190,7 +191,8 @@ def _assemble(p_ids: list[int], r_ids: list[int], tokenizer, seq_len: int,
     ids = head + list(p_ids) + list(r_ids) + tail
     n_masked = 0 if train_on_prompt else len(head) + len(p_ids)
     labels = [IGNORE] * n_masked + ids[n_masked:]
-    return Example(ids[:seq_len], labels[:seq_len]), len(ids) > seq_len
+    prompt_len = min(len(head) + len(p_ids), seq_len)
+    return Example(ids[:seq_len], labels[:seq_len], prompt_len=prompt_len), len(ids) > seq_len
 
 
 def _has_target(ex: Example) -> bool:
@@ -325,8 +327,8 @@ def _load_disk(key: str) -> TokenizedData | None:
     try:
         blob = json.loads(path.read_text())
         return TokenizedData(
-            train=[Example(*map(_list_or_none, row)) for row in blob["train"]],
-            eval=[Example(*map(_list_or_none, row)) for row in blob["eval"]],
+            train=[_example(row) for row in blob["train"]],
+            eval=[_example(row) for row in blob["eval"]],
             data_hash=blob["data_hash"],
             stats=blob["stats"],
         )
@@ -337,15 +339,17 @@ def _load_disk(key: str) -> TokenizedData | None:
         return None
 
 
-def _list_or_none(value):
-    return None if value is None else list(value)
+def _example(row: list) -> Example:
+    ids, labels, positions, prompt_len = row
+    return Example(list(ids), list(labels), None if positions is None else list(positions),
+                   prompt_len)
 
 
 def _save_disk(key: str, data: TokenizedData) -> None:
     path = _cache_file(key)
     blob = {
-        "train": [[ex.input_ids, ex.labels, ex.position_ids] for ex in data.train],
-        "eval": [[ex.input_ids, ex.labels, ex.position_ids] for ex in data.eval],
+        "train": [[ex.input_ids, ex.labels, ex.position_ids, ex.prompt_len] for ex in data.train],
+        "eval": [[ex.input_ids, ex.labels, ex.position_ids, ex.prompt_len] for ex in data.eval],
         "data_hash": data.data_hash,
         "stats": data.stats,
     }

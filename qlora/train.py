@@ -11,7 +11,9 @@ What the recipe does, in the order it runs:
 4. **Per trial, every `grad_accum_steps` micro-steps:** its gradient norm (NaN/inf: diverged),
    clipping of its own gradients, its learning rate for the step, its optimizer step.
 5. **Evaluate** trials that are due (every `eval_every` steps and at the end) together, each on
-   its own held-out split; report metrics through `on_metrics`, which may stop a trial early.
+   its own held-out split; with `eval_samples`, each also answers held-out prompts greedily, all
+   in the same model calls (`qlora.generate`): scores join `eval_loss`, answers come under
+   `samples` (`qlora.metrics.SAMPLES`). Metrics go through `on_metrics`, which may stop a trial.
 6. **Close** finished trials: export the adapter in PEFT's format, report through `on_trial_end`,
    free the slot and fill it from `next_trial` (backfill) without touching the base.
 
@@ -38,6 +40,7 @@ from .adapters import adapter_state, inject, load_adapter_state, remove, routing
 from .base import Base
 from .config import DataSpec, TrialSpec, TrialStatus
 from .export import adapter_files
+from .generate import SAMPLES, judge
 from .layer import Segment
 from .optim import build_optimizer, clip_, grad_norm, lr_at
 from .stream import IGNORE, TrialStream, collate
@@ -61,6 +64,8 @@ class TrialResult:
     adapter: dict[str, bytes] | None = None
     data: dict = field(default_factory=dict)  # data_hash and example counts, to trace the result
     spec: TrialSpec | None = None  # what it trained with
+    eval_metrics: dict = field(default_factory=dict)  # the last evaluation's: eval_loss, eval_...
+    samples: list[dict] = field(default_factory=list)  # the last evaluation's generated answers
 
 
 @dataclass
@@ -76,6 +81,8 @@ class _Slot:
     pending: list = field(default_factory=list)  # micro-batch losses of the current step
     train_losses: list = field(default_factory=list)
     eval_history: list = field(default_factory=list)  # (step, eval_loss)
+    eval_metrics: dict = field(default_factory=dict)  # the last evaluation's metrics
+    samples: list = field(default_factory=list)  # and its generated answers
     result: TrialResult | None = None
     eval_due: bool = False
     saved_step: int = 0
@@ -173,6 +180,7 @@ def _restore(base: Base, slot: _Slot, adapter: dict, optimizer_state: dict, stat
                               **state["data_position"])
     slot.train_losses = list(state["train_losses"])
     slot.eval_history = [tuple(e) for e in state["eval_history"]]
+    slot.eval_metrics, slot.samples = state.get("eval_metrics", {}), state.get("samples", [])
     if state.get("status"):
         _end(slot, TrialStatus(state["status"]), state.get("reason"))
 
@@ -186,7 +194,8 @@ def _maybe_checkpoint(base: Base, slot: _Slot, root, every: int) -> None:
         return
     state = {"trial_id": slot.spec.trial_id, "step": slot.step, "micro": slot.micro,
              "data_position": slot.stream.position(), "train_losses": slot.train_losses,
-             "eval_history": slot.eval_history}
+             "eval_history": slot.eval_history, "eval_metrics": slot.eval_metrics,
+             "samples": slot.samples}
     if ended_well:
         state.update(status=slot.result.status, reason=slot.result.reason)
     checkpoint.save(root, slot.spec.trial_id, adapter_state(base, slot.key), slot.optimizer, state)
@@ -211,7 +220,8 @@ def _end(slot: _Slot, status: TrialStatus, reason: str | None = None) -> None:
         trial_id=slot.spec.trial_id, status=status, steps=slot.step,
         eval_loss=slot.eval_history[-1][1] if slot.eval_history else None,
         train_losses=list(slot.train_losses), eval_history=list(slot.eval_history), reason=reason,
-        data=_data_info(slot.data), spec=slot.spec,
+        data=_data_info(slot.data), spec=slot.spec, eval_metrics=dict(slot.eval_metrics),
+        samples=list(slot.samples),
     )
 
 
@@ -329,11 +339,14 @@ def _optimizer_step(slot: _Slot, on_metrics) -> None:
 def _evaluate_and_report(base: Base, due: list[_Slot], on_metrics) -> None:
     with record_function("qlora.eval"):
         losses = evaluate(base, [(s.key, s.data.eval) for s in due])
-    for slot, loss in zip(due, losses, strict=True):
+    with record_function("qlora.generate"):  # every due trial answers in the same model calls
+        judged = judge(base, [(s.key, s.data.eval, s.spec) for s in due])
+    for slot, loss, (scores, samples) in zip(due, losses, judged, strict=True):
         slot.eval_due = False
         slot.eval_history.append((slot.step, loss))
-        stop = on_metrics is not None and on_metrics(slot.spec.trial_id, slot.step,
-                                                     {"eval_loss": loss})
+        slot.eval_metrics, slot.samples = {"eval_loss": loss, **scores}, samples
+        metrics = {**slot.eval_metrics, **({SAMPLES: samples} if samples else {})}
+        stop = on_metrics is not None and on_metrics(slot.spec.trial_id, slot.step, metrics)
         if slot.step >= slot.spec.max_steps:
             _end(slot, TrialStatus.FINISHED)
         elif stop:

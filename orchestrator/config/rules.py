@@ -58,6 +58,8 @@ def _ray_address_ok(v: str) -> bool:
 
 
 ADDRESS = Rule("local, auto or ray://HOST:PORT", _ray_address_ok)
+METRIC_PATH = Rule("package.module:function or null",
+                   lambda v: v is None or (v.count(":") == 1 and all(v.split(":"))))
 MODEL_NAME = nonempty(
     "'tiny', smollm2_135m, a local folder, a .gguf file or a hub id such as org/name")
 TARGET_MODULES = Rule(

@@ -15,6 +15,7 @@ from typing import Any
 
 from orchestrator.config.rules import (
     ADDRESS,
+    METRIC_PATH,
     MODEL_NAME,
     NAME,
     RUNGS,
@@ -133,6 +134,20 @@ class TrainCfg:
 
 
 @dataclass
+class EvalCfg:
+    """Generated answers at each evaluation (see qlora/generate.py and qlora/metrics.py)."""
+
+    num_samples: int = setting(32, "eval prompts each trial answers greedily at each evaluation "
+                                   "(the first of the eval split, the same for every trial); "
+                                   "0 = none", at_least(0, "an integer", "0 = no generated answers"))
+    max_new_tokens: int = setting(16, "longest answer in tokens; the tokenizer's eos ends one "
+                                      "sooner", Rule("an integer in 1..4096",
+                                                     lambda v: 1 <= v <= 4096))
+    metric: str | None = setting(None, "package.module:function(prediction, reference) -> "
+                                       "float, logged as eval_<function>", METRIC_PATH)
+
+
+@dataclass
 class PackCfg:
     max_adapters: int = setting(4, "trials sharing one frozen base on one worker; 1 = one run "
                                    "per worker", Rule("an integer in 1..64", lambda v: 1 <= v <= 64))
@@ -206,6 +221,11 @@ class SweepDef:
                                      "their slots (any strategy)", choice(SCHEDULERS))
     asha: AshaCfg = field(default_factory=AshaCfg)
     optuna: OptunaCfg = field(default_factory=OptunaCfg)
+    objective: str = setting("eval_loss", "what the leaderboard, ASHA, Optuna and the champion "
+                                          "optimise: eval_loss, eval_exact_match, eval_token_f1, "
+                                          "eval_<metric>")
+    mode: str = setting("min", "min | max (eval_exact_match and eval_token_f1: max)",
+                        Rule("min or max", lambda v: v in ("min", "max")))
 
 
 @dataclass
@@ -215,6 +235,7 @@ class Config:
     quant: QuantCfg = field(default_factory=QuantCfg)
     lora: LoraCfg = field(default_factory=LoraCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
     pack: PackCfg = field(default_factory=PackCfg)
     cluster: ClusterCfg = field(default_factory=ClusterCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
@@ -260,4 +281,6 @@ class Config:
             micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
             max_grad_norm=t.max_grad_norm, optimizer=t.optimizer, eval_every=t.eval_every,
             data=self.data_spec(), inject_oom_at_step=t.inject_oom_at_step,
+            eval_samples=self.eval.num_samples, eval_max_new_tokens=self.eval.max_new_tokens,
+            eval_metric=self.eval.metric,
         )

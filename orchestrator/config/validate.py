@@ -41,6 +41,7 @@ def validate(cfg: Any) -> Config:
     config = _build(Config, data, "")
     _check_tracking_uri(config.tracking.uri)
     config.sweep.params = sweep_params(config.sweep)
+    _check_eval(config)
     if config.sweep.strategy in DRAWING and config.sweep.num_trials is None:
         raise ConfigError("sweep.num_trials", f"must be an integer >= 1 for strategy "
                                               f"{config.sweep.strategy}, got null")
@@ -228,6 +229,26 @@ def _noun(hint: Any) -> str:
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_eval(config: Config) -> None:
+    """The user metric imports and is callable; the objective is a metric the trials log."""
+    from orchestrator.search.objective import BUILTIN_OBJECTIVES
+    from qlora.metrics import load_metric, metric_name
+
+    known = list(BUILTIN_OBJECTIVES)
+    if config.eval.metric is not None:
+        try:
+            load_metric(config.eval.metric)
+        except ValueError as e:
+            raise ConfigError("eval.metric", str(e)) from None
+        known.append(f"eval_{metric_name(config.eval.metric)}")
+    if config.sweep.objective not in known:
+        raise ConfigError("sweep.objective", f"must be one of {', '.join(known)} (the metrics "
+                                             f"each evaluation logs), got {config.sweep.objective!r}")
+    if config.sweep.objective != "eval_loss" and config.eval.num_samples == 0:
+        raise ConfigError("sweep.objective", f"{config.sweep.objective} needs generated answers; "
+                                             "set eval.num_samples >= 1, or use eval_loss")
 
 
 def _check_tracking_uri(uri: str) -> None:

@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass
 from functools import reduce
 
+from orchestrator.search.objective import Objective
+
 
 @dataclass(frozen=True)
 class Stop:
@@ -58,7 +60,9 @@ def eval_every_for(eval_every: int, steps: list[int]) -> int:
 class Asha:
     """The rung table of one sweep and the stopping rule over it."""
 
-    def __init__(self, fractions: list[float], eta: float, num_trials: int):
+    def __init__(self, fractions: list[float], eta: float, num_trials: int,
+                 objective: Objective | None = None):
+        self.objective = objective or Objective()  # names the metric in a stop's reason
         self.fractions = list(fractions)
         self.eta = float(eta)
         self.num_trials = max(1, int(num_trials))  # N: the trials the sweep will run in all
@@ -76,7 +80,8 @@ class Asha:
         self._steps[trial_id] = rung_steps(max_steps, self.fractions)
 
     def report(self, trial_id: str, step: int, eval_loss: float) -> Stop | None:
-        """Record an evaluation; at a rung, return a `Stop` if the trial must not go on."""
+        """Record an evaluation; at a rung, return a `Stop` if the trial must not go on.
+        `eval_loss` is the objective's `loss` (smaller is better)."""
         steps = self._steps.get(trial_id)
         if steps is None or step not in steps or trial_id in self.stops:
             return self.stops.get(trial_id)
@@ -100,7 +105,8 @@ class Asha:
         if better < keep:
             return None
         step = self._steps[trial_id][rung]
-        reason = (f"asha: eval_loss {mine:.4f} at rung {rung + 1} (step {step}) is beaten by "
+        shown = mine if self.objective.mode == "min" else -mine
+        reason = (f"asha: {self.objective.metric} {shown:.4f} at rung {rung + 1} (step {step}) is beaten by "
                   f"{better} of {len(results)} trials there; only the best {keep} of "
                   f"{self.num_trials} go on (eta={self.eta:g})")
         stop = Stop(trial_id, rung + 1, step, reason)

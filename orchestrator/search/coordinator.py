@@ -3,7 +3,7 @@
 The driver creates it (with `sweep.scheduler=asha`) and hands it to every `PackWorker`. A worker
 talks to it through `WorkerHooks`, plugged into the engine's callbacks:
 
-- `on_metrics` at an evaluation: `report(trial, step, eval_loss)`, answered at once with stop or
+- `on_metrics` at an evaluation: `report(trial, step, metrics)` (the sweep's objective in them), answered at once with stop or
   go on (ASHA's rule, `orchestrator.search.asha`). Between evaluations a worker asks, without waiting,
   for the trials that later results have ruled out, and stops them at their next step.
 - `next_trial` when a trial of the pack ended: the next waiting trial that can share the pack's
@@ -21,14 +21,16 @@ from collections import deque
 
 from orchestrator.planner import pack_key
 from orchestrator.search.asha import Asha, Stop
+from orchestrator.search.objective import Objective
 from qlora.config import BaseSpec, TrialSpec
 
 
 class SearchCoordinator:
     """ASHA's rung table and the queue of trials waiting for a slot (used as a Ray actor)."""
 
-    def __init__(self, asha: Asha | None):
+    def __init__(self, asha: Asha | None, objective: Objective | None = None):
         self._asha = asha
+        self._objective = objective or Objective()
         self._waiting: dict[str, deque[TrialSpec]] = {}  # group -> specs in the order to run
         self._handed: dict[str, list[TrialSpec]] = {}  # pack id -> trials backfilled into it
         self._group_of: dict[str, str] = {}  # trial -> its group, for one handed out
@@ -86,11 +88,12 @@ class SearchCoordinator:
 
     # -- from the workers -----------------------------------------------------------------------
 
-    def report(self, trial_id: str, step: int, eval_loss: float) -> bool:
-        """An evaluation of `trial_id` at `step`: True if the trial must stop now."""
+    def report(self, trial_id: str, step: int, metrics: dict) -> bool:
+        """An evaluation of `trial_id` at `step` (its metrics): True if the trial must stop now."""
         if self._asha is None:
             return False
-        return self._asha.report(trial_id, step, eval_loss) is not None
+        loss = self._objective.loss(self._objective.value(metrics))
+        return self._asha.report(trial_id, step, loss) is not None
 
     def pending_stops(self) -> list[str]:
         """Trials that must stop (ruled out at a rung, possibly after they passed it)."""
@@ -127,9 +130,9 @@ class WorkerHooks:
         """True to stop `trial_id` now."""
         import ray
 
-        if "eval_loss" in metrics:
-            return ray.get(self._coordinator.report.remote(trial_id, step,
-                                                           float(metrics["eval_loss"])))
+        if "eval_loss" in metrics:  # an evaluation: the numbers, not the generated samples
+            numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            return ray.get(self._coordinator.report.remote(trial_id, step, numbers))
         # Between evaluations: never wait; act on the last answer and ask again.
         if self._asked is None:
             self._asked = self._coordinator.pending_stops.remote()

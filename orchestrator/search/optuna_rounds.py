@@ -8,7 +8,7 @@ the seed and the earlier results alone, never of which worker finished first, an
 the same seed proposes the same trials again. Within a round, TPE's constant liar spreads the
 proposals out. The first `sweep.optuna.startup_trials` proposals are drawn at random.
 
-What Optuna is told: a finished trial's final `eval_loss`; a trial stopped by ASHA is PRUNED
+What Optuna is told: a finished trial's final `sweep.objective` (direction from `sweep.mode`); a trial stopped by ASHA is PRUNED
 (with its rung evaluations as intermediate values, reported as they stream in); a trial that
 diverged or failed is FAIL. A proposal that repeats an earlier trial's config (the same trial id)
 is told that trial's value and asked again, so the budget counts distinct trials.
@@ -52,7 +52,9 @@ class OptunaSearch:
         self.budget = cfg.sweep.num_trials or 1
         sampler = optuna.samplers.TPESampler(seed=cfg.seed,
                                              n_startup_trials=cfg.sweep.optuna.startup_trials)
-        self.study = optuna.create_study(direction="minimize", sampler=sampler)
+        from orchestrator.search.objective import Objective
+
+        self.study = optuna.create_study(direction=Objective.of(cfg).direction, sampler=sampler)
         self.trials: list[Trial] = []  # distinct trials proposed, in order
         self._optuna: dict[str, Any] = {}  # trial_id -> its optuna.Trial
         self._values: dict[str, float | None] = {}  # trial_id -> the value told (None: not one)
@@ -103,13 +105,14 @@ class OptunaSearch:
         return new
 
     def report(self, trial_id: str, step: int, value: float) -> None:
-        """An intermediate eval_loss of an open trial."""
+        """An intermediate objective value of an open trial."""
         ot = self._optuna.get(trial_id)
         if ot is not None and trial_id in self._open and math.isfinite(value):
             ot.report(float(value), int(step))
 
     def tell(self, trial_id: str, status: str, eval_loss: float | None) -> None:
-        """A trial's end: finished -> its eval_loss, stopped -> PRUNED, otherwise FAIL."""
+        """A trial's end: finished -> its objective (`eval_loss` names it here), stopped ->
+        PRUNED, otherwise FAIL."""
         from optuna.trial import TrialState
 
         if trial_id not in self._open:

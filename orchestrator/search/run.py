@@ -26,6 +26,7 @@ from orchestrator.config.schema import Config
 from orchestrator.planner import Pack, pack_key, plan
 from orchestrator.search.asha import Asha, eval_every_for, rung_steps
 from orchestrator.search.coordinator import SearchCoordinator
+from orchestrator.search.objective import Objective
 from orchestrator.search.optuna_rounds import OptunaSearch, round_size
 from orchestrator.search.trials import Trial, set_values
 from qlora.config import TrialStatus
@@ -39,6 +40,7 @@ class SearchRun:
         self.num_workers = max(1, workers.num_workers)
         self.slots = self.num_workers * config.pack.max_adapters
         self.scheduler = config.sweep.scheduler
+        self.objective = Objective.of(config)
         self._optuna: OptunaSearch | None = None
         if config.sweep.strategy == "optuna":
             self._optuna = OptunaSearch(config)
@@ -50,9 +52,11 @@ class SearchRun:
         if self.scheduler == "asha":
             import ray
 
-            asha = Asha(config.sweep.asha.rungs, config.sweep.asha.eta, self.expected)
+            asha = Asha(config.sweep.asha.rungs, config.sweep.asha.eta, self.expected,
+                        self.objective)
             self._coordinator = ray.remote(SearchCoordinator).options(
-                num_cpus=0, runtime_env={"env_vars": worker_env(workers)}).remote(asha)
+                num_cpus=0, runtime_env={"env_vars": worker_env(workers)}).remote(
+                    asha, self.objective)
         self._new_trials: list[Trial] = []
         self._new_packs: dict[str, list[str]] = {}
         self._ended: set[str] = set()
@@ -141,8 +145,9 @@ class SearchRun:
 
     def on_metrics(self, trial_id: str, step: int, metrics: dict) -> None:
         """A streamed metrics point (Optuna's intermediate values)."""
-        if self._optuna is not None and "eval_loss" in metrics:
-            self._optuna.report(trial_id, step, metrics["eval_loss"])
+        value = self.objective.value(metrics)
+        if self._optuna is not None and value is not None:
+            self._optuna.report(trial_id, step, value)
 
     def on_outcome(self, outcome, max_retries: int = 0) -> None:
         """A pack's outcome, before the driver records it. Trials that were backfilled into a
@@ -162,7 +167,8 @@ class SearchRun:
         for result in outcome.results:
             self._ended.add(result.trial_id)
             if self._optuna is not None:
-                self._optuna.tell(result.trial_id, result.status, result.eval_loss)
+                self._optuna.tell(result.trial_id, result.status,
+                                  self.objective.of_result(result))
 
     def stop_of(self, trial_id: str):
         """ASHA's `Stop` for a trial it stopped (rung, step, reason), or None."""

@@ -49,6 +49,9 @@ RUN_NAME_TAG = "mlflow.runName"
 # Metrics
 TRAIN_LOSS = "train_loss"
 EVAL_LOSS = "eval_loss"
+SAMPLES_DIR = "samples"  # on a child: samples/step_000040.json, a table per evaluation
+# On the parent: the run's description (markdown) in the UI, here the leaderboard.
+NOTE_TAG = "mlflow.note.content"
 # Artifacts
 ADAPTER_DIR = "adapter"
 REPORT_DIR = "report"  # on the parent: the sweep's plots (orchestrator/report.py)
@@ -56,7 +59,7 @@ REPORT_DIR = "report"  # on the parent: the sweep's plots (orchestrator/report.p
 #: Params whose names are promised as they are; every other setting is `<section>_<key>`.
 PARAM_NAMES = {("lora", "r"): "lora_r", ("lora", "alpha"): "lora_alpha",
                ("train", "learning_rate"): "learning_rate"}
-TRIAL_SECTIONS = ("model", "data", "quant", "lora", "train")
+TRIAL_SECTIONS = ("model", "data", "quant", "lora", "train", "eval")
 FLUSH_INTERVAL_S = 1.0
 MAX_TAG_CHARS = 5000  # MLflow caps tag values at 8000
 BATCH_METRICS = 1000  # MLflow's per-call limits
@@ -83,6 +86,8 @@ def sweep_params(config: Config, num_trials: int, extra: dict | None = None) -> 
         "sweep_strategy": sweep.strategy,
         "sweep_params": json.dumps(sweep.params, sort_keys=True, default=str),
         "sweep_num_trials": sweep.num_trials,
+        "sweep_objective": sweep.objective,
+        "sweep_mode": sweep.mode,
         "num_trials": num_trials,
         "seed": config.seed,
         "pack_max_adapters": config.pack.max_adapters,

@@ -107,11 +107,17 @@ def register_adapter(client, name: str, run_id: str, tags: dict[str, str],
 
 
 def register_best(client, name: str, row: dict, *, sweep: str,
-                  parent_run_id: str | None):
-    """Register the summary row `row` (the sweep's best trial) as `models:/name@champion`."""
+                  parent_run_id: str | None, objective=None):
+    """Register the summary row `row` (the sweep's best trial by `objective`, an
+    `orchestrator.search.objective.Objective`) as `models:/name@champion`."""
     run = client.get_run(row["run_id"])
     tags = lineage(run, sweep=sweep, parent_run_id=parent_run_id, eval_loss=row.get("eval_loss"),
                    trial_id=row["trial_id"])
+    judged = f"eval_loss {row.get('eval_loss')}"
+    if objective is not None:
+        judged = f"{objective.metric} {objective.of_row(row)} ({objective.mode})"
+        tags[LINEAGE_PREFIX + "objective"] = f"{objective.metric} ({objective.mode})"
+        tags[LINEAGE_PREFIX + objective.metric] = f"{objective.of_row(row):.6g}"
     description = (f"best of sweep {sweep} (parent run {parent_run_id}): trial {row['name']}, "
-                   f"eval_loss {row.get('eval_loss')}")
+                   f"{judged}")
     return register_adapter(client, name, row["run_id"], tags, description)

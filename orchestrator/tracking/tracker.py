@@ -3,7 +3,9 @@
 Layout (promised to users in README.md, "What you get"): one experiment; one parent run per
 sweep (run name = sweep name, tag `qlora.role=sweep`, the sweep definition as params); one child run per trial (tags
 `mlflow.parentRunId`, `qlora.role=trial`, `qlora.trial_id`; every setting as a param; metrics
-`train_loss` per step and `eval_loss` per evaluation; the adapter under `adapter/`).
+`train_loss` per step, `eval_loss`, `eval_exact_match`, `eval_token_f1` (and a user metric) per
+evaluation; a table of the generated samples per evaluation under `samples/step_NNNNNN.json`,
+which the UI's artifact view shows as a table; the adapter under `adapter/`).
 
 Only the driver writes, and metrics are buffered and sent with `log_batch` at most about once a
 second: one writer keeps SQLite free of lock errors and keeps Ray workers free of MLflow (a run
@@ -53,6 +55,7 @@ from orchestrator.tracking.keys import (
     ROLE_TAG,
     ROLE_TRIAL,
     RUN_NAME_TAG,
+    SAMPLES_DIR,
     STATUS_TAG,
     STEPS_TAG,
     TRAIN_LOSS,
@@ -62,6 +65,7 @@ from orchestrator.tracking.keys import (
     trial_params,
 )
 from qlora.config import TrialStatus
+from qlora.metrics import SAMPLES
 
 if TYPE_CHECKING:
     from orchestrator.search.trials import Trial
@@ -176,7 +180,8 @@ class Tracker:
         """Buffer a trial's metrics at `step` (sent by `flush`).
 
         A key already logged at that step is skipped: a trial that continues from a checkpoint
-        reports its steps after the checkpoint again, with the same values.
+        reports its steps after the checkpoint again, with the same values. Generated samples
+        (`qlora.generate.SAMPLES`) are logged at once as that step's table.
         """
         run_id = self.run_ids[trial_id]
         ms = int((timestamp or time.time()) * 1000)
@@ -184,8 +189,22 @@ class Tracker:
         for key, value in metrics.items():
             if (trial_id, key, int(step)) in self._logged:
                 continue
+            if key == SAMPLES:
+                self.log_samples(trial_id, step, value)
+                continue
             buf.append(Metric(key=key, value=float(value), timestamp=ms, step=int(step)))
             self._logged.add((trial_id, key, int(step)))
+
+    def log_samples(self, trial_id: str, step: int, samples: list[dict]) -> None:
+        """A trial's generated samples at `step` as an MLflow table (`samples/step_NNNNNN.json`):
+        one row per prompt with its reference, prediction and per-row scores."""
+        if (trial_id, SAMPLES, int(step)) in self._logged or not samples:
+            return
+        columns = list(dict.fromkeys(k for row in samples for k in row))
+        data = {c: [row.get(c) for row in samples] for c in columns}
+        self.client.log_table(self.run_ids[trial_id], data=data,
+                              artifact_file=samples_file(step))
+        self._logged.add((trial_id, SAMPLES, int(step)))
 
     def flush(self, force: bool = False) -> None:
         """Send buffered metrics, at most once per `FLUSH_INTERVAL_S` unless `force`."""
@@ -212,6 +231,10 @@ class Tracker:
             history.append((result.steps, result.eval_loss))
         for step, loss in history:
             self.log_metrics(trial_id, step, {EVAL_LOSS: loss})
+        final = {k: v for k, v in (result.eval_metrics or {}).items() if k != EVAL_LOSS}
+        if final:  # the last evaluation's scores (and samples), should the stream have missed them
+            self.log_metrics(trial_id, result.steps, final)
+        self.log_samples(trial_id, result.steps, list(result.samples or []))
         self.flush(force=True)
         if adapter_dir is not None:
             self.client.log_artifacts(run_id, str(adapter_dir), ADAPTER_DIR)
@@ -329,6 +352,11 @@ class Tracker:
     def _terminate(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
         self._open.discard(run_id)
+
+
+def samples_file(step: int) -> str:
+    """The artifact path of a trial's samples table at `step`."""
+    return f"{SAMPLES_DIR}/step_{int(step):06d}.json"
 
 
 def _is_local_store(uri: str) -> bool:

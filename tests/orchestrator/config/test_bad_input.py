@@ -104,6 +104,22 @@ CASES = [
      "cluster.address: cannot reach the Ray cluster at ray://127.0.0.1:9"),
     ("ray-auto-no-cluster", ["cluster.address=auto"],
      "cluster.address: auto: no running Ray cluster was found"),
+    ("num_samples=-1", ["eval.num_samples=-1"],
+     "eval.num_samples: must be an integer >= 0 (0 = no generated answers), got -1"),
+    ("max_new_tokens=0", ["eval.max_new_tokens=0"], "eval.max_new_tokens: must be an integer in"),
+    ("metric-not-a-path", ["eval.metric=mymetric"],
+     "eval.metric: must be package.module:function or null, got 'mymetric'"),
+    ("metric-no-module", ["eval.metric=no_such_pkg.scores:f1"],
+     "eval.metric: cannot import 'no_such_pkg.scores'"),
+    ("metric-no-function", ["eval.metric=qlora.metrics:nope"],
+     "eval.metric: module 'qlora.metrics' has no attribute 'nope'"),
+    ("unknown-objective", ["sweep.objective=accuracy"],
+     "sweep.objective: must be one of eval_loss, eval_exact_match, eval_token_f1"),
+    ("objective-of-absent-metric", ["sweep.objective=eval_f1"],
+     "sweep.objective: must be one of eval_loss"),
+    ("objective-without-samples", ["sweep.objective=eval_exact_match", "eval.num_samples=0"],
+     "sweep.objective: eval_exact_match needs generated answers"),
+    ("mode=up", ["sweep.mode=up"], "sweep.mode: must be min or max, got 'up'"),
 ]
 
 

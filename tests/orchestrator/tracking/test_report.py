@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.finish import best_row
 from orchestrator.report import EVAL_VS_PARAMS, LOSS_CURVES, PLOTS, main
+from orchestrator.side_by_side import SIDE_BY_SIDE, inline
 from orchestrator.tracking.keys import REPORT_DIR
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -31,7 +33,7 @@ def test_plots_are_artifacts_of_the_parent_run_and_open_as_images(optuna_run, tm
     run = optuna_run
     parent_id = run.parent.info.run_id
     names = {a.path for a in run.client.list_artifacts(parent_id, REPORT_DIR)}
-    assert names == {f"{REPORT_DIR}/{name}" for name in PLOTS}
+    assert names == {f"{REPORT_DIR}/{name}" for name in (*PLOTS, SIDE_BY_SIDE)}
     folder = Path(run.client.download_artifacts(parent_id, REPORT_DIR, str(tmp_path)))
     for name in PLOTS:
         _is_image(folder / name)
@@ -39,7 +41,22 @@ def test_plots_are_artifacts_of_the_parent_run_and_open_as_images(optuna_run, tm
     assert (beside / "summary.json").is_file()
     for name in PLOTS:
         _is_image(beside / name)
-    assert sorted(run.summary["search"]["report"]) == sorted(str(beside / n) for n in PLOTS)
+    assert sorted(run.summary["search"]["report"]) == sorted(str(beside / n)
+                                                             for n in (*PLOTS, SIDE_BY_SIDE))
+
+
+@pytest.mark.slow
+def test_side_by_side_shows_the_best_trials_answers_to_the_same_prompts(optuna_run):
+    run = optuna_run
+    text = (run.root / "outputs" / run.config.sweep.name / SIDE_BY_SIDE).read_text()
+    best = best_row(run.summary["trials"])
+    assert text.index(f"**{best['name']}**") < min(
+        text.index(f"**{r['name']}**") for r in run.summary["trials"]
+        if r is not best and f"**{r['name']}**" in text)  # the best first
+    for sample in best["samples"]:  # its final answers, each under its prompt
+        section = text[text.index(sample["prompt"].rstrip()):]
+        assert f"reference: `{inline(sample['reference'])}`" in section
+        assert f"| {best['name']} | `{inline(sample['prediction'])}` |" in section
 
 
 @pytest.mark.slow
@@ -49,7 +66,7 @@ def test_the_report_command_rebuilds_them_for_a_past_sweep(optuna_run, tmp_path,
     out = tmp_path / "rebuilt"
     assert main(["--sweep", run.config.sweep.name, "--tracking-uri", uri, "--out", str(out)]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(out / LOSS_CURVES), str(out / EVAL_VS_PARAMS)]
+    assert printed == [str(out / LOSS_CURVES), str(out / EVAL_VS_PARAMS), str(out / SIDE_BY_SIDE)]
     for name in PLOTS:
         _is_image(out / name)
     by_id = tmp_path / "by-id"
