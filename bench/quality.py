@@ -28,6 +28,7 @@ import torch
 
 from qlora import BaseSpec, DataSpec, TrialSpec, load_base, train_pack
 from qlora.data import load_data
+from qlora.generate import judge
 from qlora.memory import measured_bits_per_weight
 from qlora.train import evaluate
 
@@ -96,14 +97,18 @@ def table1(n_windows: int, window: int) -> list[dict]:
     return rows
 
 
-def _trials(steps: int, data: DataSpec) -> list[TrialSpec]:
+ANSWER_TOKENS = 16  # the bundled tasks' answers are a few tokens; eos ends most sooner
+
+
+def _trials(steps: int, data: DataSpec, n_answers: int) -> list[TrialSpec]:
     return [TrialSpec(trial_id=f"r{r}-lr{lr:.0e}", seed=k, r=r, alpha=a, learning_rate=lr,
                       max_steps=steps, micro_batch_size=4, warmup_steps=2, dropout=0.05,
-                      optimizer="adamw", data=data)
+                      optimizer="adamw", eval_samples=n_answers,
+                      eval_max_new_tokens=ANSWER_TOKENS, data=data)
             for k, (r, a, lr) in enumerate(TRIALS)]
 
 
-def table2(steps: int, n_eval: int) -> dict:
+def table2(steps: int, n_eval: int, n_answers: int) -> dict:
     data = DataSpec(seq_len=64, max_eval_examples=n_eval)
     out = {}
     for quant in ("nf4", "none"):
@@ -111,14 +116,23 @@ def table2(steps: int, n_eval: int) -> dict:
         base = load_base(BaseSpec(name_or_path=MODEL, quant_type=quant,
                                   compute_dtype="float32", gradient_checkpointing=False), "cpu")
         eval_examples = load_data(data, base.tokenizer).eval
+        # The base alone: a slot with no adapter routes its rows through the frozen base only.
+        alone = TrialSpec(trial_id="base", eval_samples=n_answers,
+                          eval_max_new_tokens=ANSWER_TOKENS, data=data)
         base_loss = evaluate(base, [("base", eval_examples)])[0]
-        results = train_pack(base, _trials(steps, data))
-        out[quant] = {"base_eval_loss": base_loss, "wall_s": time.time() - started,
-                      "trials": {r.trial_id: {"status": r.status, "eval_loss": r.eval_loss,
-                                              "final_train_loss": r.train_losses[-1]}
-                                 for r in results}}
-        print(f"  quant {quant}: base alone eval loss {base_loss:.4f}; "
-              + "; ".join(f"{k} {v['eval_loss']:.4f}" for k, v in out[quant]["trials"].items())
+        (base_scores, base_samples), = judge(base, [("base", eval_examples, alone)])
+        results = train_pack(base, _trials(steps, data, n_answers))
+        out[quant] = {
+            "base": {"eval_loss": base_loss, **base_scores, "samples": base_samples[:3]},
+            "wall_s": time.time() - started,
+            "trials": {r.trial_id: {"status": str(r.status), **r.eval_metrics,
+                                    "final_train_loss": r.train_losses[-1],
+                                    "samples": r.samples[:3]}
+                       for r in results}}
+        print(f"  quant {quant}: base alone eval loss {base_loss:.4f} exact match "
+              f"{base_scores.get('eval_exact_match', float('nan')):.3f}; "
+              + "; ".join(f"{k} {v['eval_loss']:.4f} / {v.get('eval_exact_match', 0):.3f}"
+                          for k, v in out[quant]["trials"].items())
               + f"  ({out[quant]['wall_s']:.0f} s)", flush=True)
         del base
     return out
@@ -136,14 +150,16 @@ def _markdown(report: dict) -> str:
         lines.append("")
     if "table2" in report:
         t2 = report["table2"]
-        ids = list(t2["nf4"]["trials"])
-        lines += ["| eval loss (held-out) | NF4 base | 16-bit base (fp32) | NF4 - 16-bit |",
-                  "| --- | ---: | ---: | ---: |"]
-        for name, a, b in [("base alone", t2["nf4"]["base_eval_loss"],
-                            t2["none"]["base_eval_loss"])] + \
-                [(i, t2["nf4"]["trials"][i]["eval_loss"], t2["none"]["trials"][i]["eval_loss"])
-                 for i in ids]:
-            lines.append(f"| {name} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
+        rows = [("base alone", t2["nf4"]["base"], t2["none"]["base"])]
+        rows += [(i, t2["nf4"]["trials"][i], t2["none"]["trials"][i]) for i in t2["nf4"]["trials"]]
+        lines += ["| held-out | eval loss NF4 | eval loss 16-bit | NF4 - 16-bit "
+                  "| exact match NF4 | exact match 16-bit |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, a, b in rows:
+            lines.append(f"| {name} | {a['eval_loss']:.4f} | {b['eval_loss']:.4f} | "
+                         f"{a['eval_loss'] - b['eval_loss']:+.4f} | "
+                         f"{a.get('eval_exact_match', float('nan')):.3f} | "
+                         f"{b.get('eval_exact_match', float('nan')):.3f} |")
     return "\n".join(lines)
 
 
@@ -163,11 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=256, help="tokens per sample (table 1)")
     parser.add_argument("--steps", type=int, default=30, help="training steps (table 2)")
     parser.add_argument("--eval", type=int, default=64, help="held-out examples (table 2)")
+    parser.add_argument("--answers", type=int, default=32,
+                        help="held-out prompts answered greedily for exact match (table 2)")
     opts = parser.parse_args(argv)
     # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16 (what int8 does)
     warnings.filterwarnings("ignore", message="MatMul8bitLt")
     if opts.quick:
-        opts.windows, opts.window, opts.steps, opts.eval = 2, 64, 2, 8
+        opts.windows, opts.window, opts.steps, opts.eval, opts.answers = 2, 64, 2, 8, 4
     started = time.time()
     report = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "model": MODEL,
               "corpus": PACKAGE, "args": vars(opts)}
@@ -177,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         report["table1"] = table1(opts.windows, opts.window)
     if opts.table in ("2", "both"):
         print(f"2. {len(TRIALS)} trials packed, {opts.steps} steps, on the NF4 and the 16-bit base; "
-              f"eval loss on {opts.eval} held-out bundled examples", flush=True)
-        report["table2"] = table2(opts.steps, opts.eval)
+              f"eval loss on {opts.eval} held-out bundled examples, exact match of greedy answers "
+              f"to the first {opts.answers}", flush=True)
+        report["table2"] = table2(opts.steps, opts.eval, opts.answers)
     report["wall_s"] = time.time() - started
     print(_markdown(report))
     print(f"wall time {report['wall_s']:.0f} s on {report['machine']}")
