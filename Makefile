@@ -7,7 +7,7 @@ TORCH_CPU ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install sweep test test-gpu ui bench lint clean
+.PHONY: help install sweep test test-gpu ui bench models lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ ui: install  ## open the MLflow UI on 127.0.0.1:5000 over ./mlflow.db
 
 bench: install  ## run the benchmarks, print ratios, write bench/results/*.json
 	$(PY) -m bench $(ARGS)
+
+models: install  ## fetch and convert the known real models ahead of time (smollm2_135m, ~100 MB)
+	$(PY) -m qlora.models fetch smollm2_135m
 
 lint: install  ## ruff over the code
 	$(VENV)/bin/ruff check qlora orchestrator tests bench

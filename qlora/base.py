@@ -35,12 +35,15 @@ class Base:
 
 
 def resolve_source(spec: BaseSpec) -> str:
-    """The folder or hub id that `from_pretrained` receives (the tiny model is built on demand)."""
+    """The folder or hub id that `from_pretrained` receives: the tiny model is built on demand, a
+    known model (`qlora.models.KNOWN`) is fetched, a GGUF file is converted (both cached)."""
     if spec.name_or_path == TINY:
         from .tiny import tiny_model_path
 
         return str(tiny_model_path())
-    return spec.name_or_path
+    from .models import resolve
+
+    return resolve(spec.name_or_path) or spec.name_or_path
 
 
 def quantization_config(spec: BaseSpec):

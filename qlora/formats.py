@@ -11,7 +11,10 @@ Four formats, detected from the columns (first match wins, in this order):
 
 Rendering templates (fixed, so a data hash and a template determine the tokens):
 
-    alpaca    "### Instruction:\\n{instruction}\\n\\n"
+    alpaca    with the tokenizer's chat template when it has one: a conversation of one user turn
+              "{instruction}" (+ "\\n\\n{input}" when input is not blank) and one assistant
+              turn "{output}", split as chat below; without a chat template:
+              "### Instruction:\\n{instruction}\\n\\n"
               "### Input:\\n{input}\\n\\n"          (omitted when input is empty or blank)
               "### Response:\\n"                   -> prompt;  response = output
     chat      the tokenizer's chat template when it has one, else the default below, which is
@@ -249,6 +252,13 @@ def _last_assistant(messages: list[dict]) -> int | None:
 def render(record: dict, fmt: str, tokenizer) -> tuple[str, str]:
     """(prompt_text, response_text) of a normalized record, by the templates in the module doc.
     The tokenizer matters only for chat (its chat template and eos token)."""
+    if fmt == "alpaca" and getattr(tokenizer, "chat_template", None):
+        # A model tuned on chat answers best in its own template (SmolLM2-Instruct, Llama-3-Instruct).
+        user = record["instruction"]
+        if record.get("input", "").strip():
+            user += "\n\n" + record["input"]
+        return _render_chat([{"role": "user", "content": user},
+                             {"role": "assistant", "content": record["output"]}], tokenizer)
     if fmt == "alpaca":
         prompt = ALPACA_INSTRUCTION.format(instruction=record["instruction"])
         if record.get("input", "").strip():

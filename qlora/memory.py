@@ -181,3 +181,30 @@ def peak_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measured_bits_per_weight(model) -> float:
+    """Bits per weight of a loaded model's linears (lm_head excluded), from the tensors that hold
+    them: packed 4-bit codes plus block constants (and their constants with double quantization),
+    int8 codes, or the plain weight. What the formula above predicts, measured."""
+    import bitsandbytes as bnb
+    import torch
+
+    bits = weights = 0
+    vocab = model.config.vocab_size
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w, qs = module.weight, module.weight.quant_state
+            n = w.shape[0] * w.shape[1] if w.dim() == 2 and w.shape[1] != 1 else qs.shape.numel()
+            stored = w.numel() * w.element_size() + qs.absmax.numel() * qs.absmax.element_size()
+            if qs.nested:
+                stored += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+            bits, weights = bits + 8 * stored, weights + n
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            w = module.weight
+            bits += 8 * w.numel() * w.element_size()
+            weights += w.numel()
+        elif isinstance(module, torch.nn.Linear) and module.out_features != vocab:
+            bits += 8 * module.weight.numel() * module.weight.element_size()
+            weights += module.weight.numel()
+    return bits / weights

@@ -20,7 +20,7 @@ CONFIG_NAME = "config"
 GROUPS = ("model", "data", "sweep")
 _NOUNS = {"model": "model", "data": "dataset", "sweep": "sweep"}
 _HINTS = {
-    "model": " (or model.name_or_path=FOLDER_OR_HUB_ID)",
+    "model": " (or model.name_or_path=FOLDER_OR_HUB_ID_OR_FILE.gguf)",
     "data": " (or data.path=FILE for your own file)",
 }
 

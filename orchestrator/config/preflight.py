@@ -62,10 +62,24 @@ def check_data(cfg: Config) -> None:
 
 
 def check_model(cfg: Config) -> None:
-    """`model.name_or_path` is `tiny`, a model folder, or a hub id that is cached or reachable."""
+    """`model.name_or_path` is `tiny`, a known model (fetched here, before anything starts, when
+    it is not cached yet), a complete GGUF file or a folder holding one, a model folder, or a hub
+    id that is cached or reachable."""
+    from qlora.models import KNOWN, ModelError, check_gguf, fetch, gguf_file
+
     key, name = "model.name_or_path", cfg.model.name_or_path
     if name == "tiny":
         return
+    try:
+        if name in KNOWN:
+            fetch(name)
+            return
+        gguf = gguf_file(name)
+        if gguf is not None:
+            check_gguf(gguf)
+            return
+    except ModelError as e:
+        raise ConfigError(key, str(e)) from None
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         if not (path / "config.json").is_file():

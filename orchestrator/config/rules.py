@@ -60,7 +60,8 @@ def _ray_address_ok(v: str) -> bool:
 ADDRESS = Rule("local, auto or ray://HOST:PORT", _ray_address_ok)
 METRIC_PATH = Rule("package.module:function or null",
                    lambda v: v is None or (v.count(":") == 1 and all(v.split(":"))))
-MODEL_NAME = nonempty("'tiny', a local folder or a hub id such as org/name")
+MODEL_NAME = nonempty(
+    "'tiny', smollm2_135m, a local folder, a .gguf file or a hub id such as org/name")
 TARGET_MODULES = Rule(
     "'all-linear' or a non-empty list of module names such as [q_proj, v_proj]",
     lambda v: bool(v) and all(str(x).strip() for x in ([v] if isinstance(v, str) else v)),

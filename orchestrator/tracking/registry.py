@@ -6,6 +6,7 @@ artifacts, and the alias `champion` moves to that version. The version carries i
 tags, enough to rebuild the exact base it was trained on (`orchestrator.load` reads them):
 
     qlora.base_model, qlora.base_revision        the base (`tiny`, a folder, or a hub id)
+    qlora.base_gguf_file, qlora.base_gguf_sha256 the GGUF file it was converted from, if any
     qlora.quant_type, qlora.quant_double_quant,  how the base was quantized
     qlora.quant_compute_dtype
     qlora.data_hash                              sha256 (16 hex) of the training data file(s)
@@ -22,7 +23,13 @@ import functools
 import subprocess
 from pathlib import Path
 
-from orchestrator.tracking.keys import ADAPTER_DIR, CHAMPION_ALIAS, DATA_TAG_PREFIX, LINEAGE_PREFIX
+from orchestrator.tracking.keys import (
+    ADAPTER_DIR,
+    BASE_TAG_PREFIX,
+    CHAMPION_ALIAS,
+    DATA_TAG_PREFIX,
+    LINEAGE_PREFIX,
+)
 
 #: Run params that name the base and its quantization -> the lineage tag that carries each.
 BASE_PARAMS = {
@@ -62,6 +69,8 @@ def lineage(run, *, sweep: str, parent_run_id: str | None, eval_loss: float | No
     params, tags = run.data.params, run.data.tags
     out = {LINEAGE_PREFIX + tag: params[param] for param, tag in BASE_PARAMS.items()
            if param in params}
+    out.update({LINEAGE_PREFIX + "base_" + k[len(BASE_TAG_PREFIX):]: v for k, v in tags.items()
+                if k.startswith(BASE_TAG_PREFIX)})
     out[LINEAGE_PREFIX + "data_hash"] = tags.get(DATA_TAG_PREFIX + "data_hash", "unknown")
     out[LINEAGE_PREFIX + "code_version"] = code_version()
     out[LINEAGE_PREFIX + "trial_id"] = trial_id

