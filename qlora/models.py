@@ -26,7 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tiny import cache_root
+from .tiny import build_once, cache_root
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "gguf_source.json"
@@ -168,22 +168,14 @@ def converted_path(path: str | Path, sha256: str | None = None) -> Path:
     check_gguf(path)
     digest = sha256 or sha256_file(path)
     out = cache_root() / f"gguf-{digest[:16]}-v{_CONVERT_VERSION}"
-    if (out / "config.json").is_file() and (out / SOURCE_FILE).is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=out.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         _convert(path, tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps(
             {"gguf_file": str(path), "gguf_sha256": digest}, indent=1) + "\n")
-        try:
-            os.rename(tmp, out)  # atomic; another process may have won the race
-        except OSError:
-            if not (out / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return build_once(out, build,
+                      lambda p: (p / "config.json").is_file() and (p / SOURCE_FILE).is_file())
 
 
 def gguf_source(folder: str | Path) -> dict | None:

@@ -59,21 +59,30 @@ def tiny_model_path(**overrides) -> Path:
     """
     config = {**TINY_CONFIG, **overrides}
     key = stable_hash({"config": config, "seed": TINY_SEED, "chars": CHARS, "v": _VERSION}, 8)
-    path = cache_root() / f"tiny-llama-{key}"
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+    return build_once(cache_root() / f"tiny-llama-{key}", lambda tmp: _build(tmp, config),
+                      lambda p: (p / "config.json").exists() and (p / "tokenizer.json").exists())
+
+
+def build_once(out: Path, build, ready) -> Path:
+    """The cache folder `out`, built by `build(tmp_folder)` unless `ready(out)` already holds.
+
+    Built in a temporary folder beside it, then renamed into place: atomic, so a reader never
+    sees half a folder, and safe when several processes race (the loser's copy is dropped).
+    """
+    if ready(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        _build(tmp, config)
+        build(tmp)
         try:
-            os.rename(tmp, path)  # atomic; another process may have won the race
+            os.rename(tmp, out)
         except OSError:
-            if not (path / "config.json").exists():
+            if not ready(out):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return out
 
 
 def build_tokenizer():
