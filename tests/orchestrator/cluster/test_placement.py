@@ -79,7 +79,7 @@ def _main(root: Path) -> int:
     os.environ["RAY_ADDRESS"] = cluster.address
     try:
         return run_sweep(Config(
-            train=TrainCfg(max_steps=4, seq_len=64, micro_batch_size=2),
+            train=TrainCfg(max_steps=16, seq_len=64, micro_batch_size=2),
             data=DataCfg(max_eval_examples=8),
             pack=PackCfg(max_adapters=2),
             cluster=ClusterCfg(address="auto", gpus_per_worker=1),
