@@ -272,7 +272,12 @@ class Config:
     sweep: SweepDef = field(default_factory=SweepDef)
     seed: int = setting(0, "each trial's init and data order derive from it and the trial's own "
                            "config", at_least(0, "an integer"))
-    resume: bool = setting(False, "true: continue the latest unfinished sweep of the same name")
+    resume: bool | str = setting(
+        False, "true: continue the latest unfinished sweep of the same name; PATH: continue the "
+               "trial whose checkpoint folder it is (<checkpoint_dir>/<parent run id>/<trial id>, "
+               "with the overrides it ran with)",
+        Rule("true, false or a trial checkpoint folder", lambda v: isinstance(v, bool)
+             or bool(str(v).strip())))
     output_dir: str = setting("outputs", "checkpoints and run folders, relative to where you run",
                               nonempty("a folder path"))
     dry_run: bool = setting(False, "true: print the sweep's trials and exit without starting Ray "
