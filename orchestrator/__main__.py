@@ -62,12 +62,15 @@ def _run_hydra(args: list[str]) -> None:
 
 def _task(cfg: Any) -> int:
     """One Hydra job: validate (cheap), check once, then run the sweep and record its status."""
+    from hydra.core.hydra_config import HydraConfig
+
     from orchestrator.config.preflight import preflight
-    from orchestrator.config.validate import validate
+    from orchestrator.config.validate import check_overrides, validate
 
     try:
         config = validate(cfg)
         if not _State.checked:
+            check_overrides(list(HydraConfig.get().overrides.task))  # a -m job's own
             preflight(config)
     except ConfigError as e:
         _fail(e)

@@ -55,6 +55,7 @@ from orchestrator.finish import finish_sweep
 from orchestrator.planner import Pack
 from orchestrator.search.expand import expand
 from orchestrator.search.objective import Objective
+from orchestrator.search.resume_trial import resume_config, resume_path
 from orchestrator.search.run import SearchRun
 from orchestrator.search.trials import Trial
 from orchestrator.summary import (
@@ -88,6 +89,7 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
     """
     cluster = cluster or start_connect(config.cluster)
     try:
+        config = resume_config(config)  # resume=PATH: that one trial, from its folder
         trials = expand(config)
         tracker = _open_tracker(config)
     except BaseException as e:
@@ -160,14 +162,16 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
         "checkpoint_dir": str(checkpoints),
         "search": finished.summary,
     })
-    if exit_code == 0:  # a FINISHED sweep cannot be resumed: its checkpoints serve no one
+    # A FINISHED sweep cannot be resumed: its checkpoints serve no one; a folder given with
+    # resume=PATH is the user's and is kept.
+    if exit_code == 0 and resume_path(config) is None:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return exit_code
 
 
 def _previous_sweep(config: Config, tracker: Tracker):
     """The parent run that `resume=true` continues, or None (a new sweep starts)."""
-    if not config.resume:
+    if config.resume is not True:  # false, or a trial folder (a new sweep of that trial)
         return None
     previous = tracker.find_unfinished_sweep(config.sweep.name)
     if previous is None:
@@ -181,7 +185,9 @@ def _checkpoint_root(config: Config, out_dir: Path, previous, tracker: Tracker) 
     the same name never continues from an older one's checkpoints; a resumed sweep reuses its own.
     """
     recorded = previous.data.tags.get(CHECKPOINT_DIR_TAG) if previous is not None else None
-    if recorded and config.cluster.checkpoint_dir is None:
+    if resume_path(config) is not None:
+        root = resume_path(config).parent  # the trial continues in the folder it was given
+    elif recorded and config.cluster.checkpoint_dir is None:
         root = Path(recorded)
     else:
         base = Path(config.cluster.checkpoint_dir or out_dir / "checkpoints").expanduser()

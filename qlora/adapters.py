@@ -19,7 +19,8 @@ def routing_of(base: Base) -> Routing:
 def inject(base: Base, slot: str, spec: TrialSpec) -> list[torch.nn.Parameter]:
     """Give every targeted linear of `base` an adapter named `slot` for `spec`; returns its params.
 
-    Only the new adapter's parameters require gradients: the base stays frozen.
+    Only the new adapter's parameters require gradients: the base stays frozen. Each module gets
+    the rank and scale `spec` gives its path (`rank_pattern`, `alpha_pattern`, `use_rslora`).
     """
     routing = routing_of(base)
     params: list[torch.nn.Parameter] = []
@@ -30,8 +31,8 @@ def inject(base: Base, slot: str, spec: TrialSpec) -> list[torch.nn.Parameter]:
             raise ValueError(f"slot {slot!r} already holds an adapter on {path}")
         weight = layer.base_layer.weight
         device = weight.device if weight.device.type != "meta" else base.device
-        adapter = LoraAdapter(layer.in_features, layer.out_features, spec.r, spec.alpha,
-                              spec.dropout, spec.seed, path, device)
+        adapter = LoraAdapter(layer.in_features, layer.out_features, spec.rank_of(path),
+                              spec.scale_of(path), spec.dropout, spec.seed, path, device)
         layer.adapters[slot] = adapter
         params.extend(adapter.parameters())
     return params

@@ -64,9 +64,22 @@ def quantization_config(spec: BaseSpec):
     return None
 
 
+def load_tokenizer(spec: BaseSpec, source: str | None = None):
+    """The tokenizer of `spec`'s model (pad = eos where it has no pad token), without its
+    weights: what tokenizes a trial's data, here or in a driver that counts its rows."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source or resolve_source(spec),
+                                              revision=spec.revision,
+                                              trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base(spec: BaseSpec, device: str | torch.device | None = None) -> Base:
     """Load, quantize and freeze the base model of `spec` on `device` (default: cuda if present)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = resolve_source(spec)
@@ -83,10 +96,7 @@ def load_base(spec: BaseSpec, device: str | torch.device | None = None) -> Base:
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if qconfig is None:
         model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision,
-                                              trust_remote_code=spec.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(spec, source)
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)

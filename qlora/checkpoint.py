@@ -57,6 +57,32 @@ def save(root: str | Path, trial_id: str, adapter: dict[str, torch.Tensor],
     return final
 
 
+def check_folder(folder: str | Path) -> str:
+    """The trial id of a trial checkpoint folder (`<root>/<trial_id>/` as `save` writes it), or
+    ValueError saying what is missing: the folder, its `latest` pointer, the step folder it names
+    with its three files, or a `state.json` of this trial."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder")
+    pointer = folder / "latest"
+    if not pointer.is_file():
+        raise ValueError(f"{folder}: not a trial checkpoint folder (no 'latest' file; give "
+                         "<checkpoint_dir>/<parent run id>/<trial id>)")
+    step_dir = folder / pointer.read_text().strip()
+    missing = [n for n in ("adapter.safetensors", "optimizer.safetensors", "state.json")
+               if not (step_dir / n).is_file()]
+    if missing:
+        raise ValueError(f"{folder}: 'latest' names {step_dir.name!r}, which lacks "
+                         f"{', '.join(missing)}")
+    try:
+        state = json.loads((step_dir / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{step_dir / 'state.json'}: unreadable ({e})") from None
+    if not isinstance(state, dict) or state.get("trial_id") != folder.name:
+        raise ValueError(f"{step_dir / 'state.json'}: not a checkpoint of trial {folder.name!r}")
+    return folder.name
+
+
 def load(root: str | Path, trial_id: str):
     """The newest complete checkpoint of `trial_id` as (adapter, optimizer_state, state), or None."""
     folder = trial_dir(root, trial_id)

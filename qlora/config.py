@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 
 QUANT_TYPES = ("nf4", "fp4", "int8", "none")
@@ -89,6 +91,8 @@ LIMITS = {
     "learning_rate": Limit(0, 1, open_low=True),
     "weight_decay": Limit(0),
     "warmup_steps": Limit(0, integer=True),
+    "warmup_ratio": Limit(0, 1, open_high=True),
+    "num_epochs": Limit(0, 100_000, open_low=True, optional=True),
     "lr_schedule": Limit(choices=LR_SCHEDULES),
     "max_steps": Limit(1, 10_000_000, integer=True),
     "micro_batch_size": Limit(1, integer=True),
@@ -100,6 +104,46 @@ LIMITS = {
     "eval_max_new_tokens": Limit(1, 4096, integer=True),
     "inject_oom_at_step": Limit(1, integer=True, optional=True),
 }
+
+
+#: What each value of `rank_pattern` / `alpha_pattern` accepts: those of `r` / `alpha`.
+PATTERN_LIMITS = {"rank_pattern": LIMITS["r"], "alpha_pattern": LIMITS["alpha"]}
+
+
+def pattern_error(name: str, pattern: dict) -> str | None:
+    """Why `pattern` (`rank_pattern` or `alpha_pattern`: module pattern -> value) is refused, or
+    None. Keys are regular expressions matched as PEFT matches them (see `pattern_value`)."""
+    limit = PATTERN_LIMITS[name]
+    for key, value in pattern.items():
+        if not isinstance(key, str) or not key:
+            return f"keys must be non-empty module names or regular expressions, got {key!r}"
+        try:
+            re.compile(key)
+        except re.error as e:
+            return f"{key!r} is not a regular expression ({e})"
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or (limit.integer and value != int(value)) or not limit.ok(value):
+            return f"the value of {key!r} must be {limit.allowed}, got {value!r}"
+    return None
+
+
+def pattern_value(pattern: tuple[tuple[str, float], ...], path: str, default):
+    """PEFT's `rank_pattern` / `alpha_pattern` lookup: the value of the first key (in the order
+    given) that matches the whole module path or its tail after a dot (`re.match` of
+    `(.*\\.)?(KEY)$`), else `default`."""
+    for key, value in pattern:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def steps_for_epochs(num_epochs: float, n_train: int, micro_batch_size: int,
+                     grad_accum_steps: int) -> int:
+    """Optimizer steps that show a trial `num_epochs` passes over its `n_train` training rows:
+    ceil(num_epochs x n_train / (micro_batch_size x grad_accum_steps)), at least 1. A trial's
+    stream runs on across epoch boundaries, so the last step may start the next epoch."""
+    per_step = micro_batch_size * grad_accum_steps
+    return max(1, math.ceil(num_epochs * n_train / per_step - 1e-9))
 
 
 def _check_limits(spec) -> None:
@@ -189,12 +233,19 @@ class TrialSpec:
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: tuple[str, ...] | str = "all-linear"
+    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r (rsLoRA, as PEFT)
+    # per module, PEFT's names and matching: ((pattern, rank), ...); a dict is accepted too
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
     # optimisation
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # warmup as a fraction of max_steps (exclusive with warmup_steps)
     lr_schedule: str = "cosine"  # cosine | linear | constant, after warmup, to 0 at max_steps
     max_steps: int = 100
+    # passes over the train split; when set, `train_pack` sets max_steps from it (`resolved`)
+    num_epochs: float | None = None
     micro_batch_size: int = 4
     grad_accum_steps: int = 1
     max_grad_norm: float = 1.0  # 0 disables clipping; applied to this adapter's gradients only
@@ -212,6 +263,45 @@ class TrialSpec:
         _check_limits(self)
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in PATTERN_LIMITS:
+            value = getattr(self, name)
+            pairs = tuple(value.items()) if isinstance(value, dict) else tuple(map(tuple, value))
+            object.__setattr__(self, name, pairs)
+            error = pattern_error(name, dict(pairs))
+            if error:
+                raise ValueError(f"{name}: {error}")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("warmup_steps and warmup_ratio are exclusive: set one of them")
+
+    def rank_of(self, path: str) -> int:
+        """The rank of this adapter on module `path` (`rank_pattern`, else `r`)."""
+        return int(pattern_value(self.rank_pattern, path, self.r))
+
+    def alpha_of(self, path: str) -> float:
+        """The alpha of this adapter on module `path` (`alpha_pattern`, else `alpha`)."""
+        return float(pattern_value(self.alpha_pattern, path, self.alpha))
+
+    def scale_of(self, path: str) -> float:
+        """The low-rank path's scale on `path`: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        r = self.rank_of(path)
+        return self.alpha_of(path) / (math.sqrt(r) if self.use_rslora else r)
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps as trained: `warmup_steps`, or ceil(warmup_ratio x max_steps) (as
+        transformers' `get_warmup_steps`)."""
+        if self.warmup_ratio:
+            return math.ceil(self.warmup_ratio * self.max_steps)
+        return self.warmup_steps
+
+    def resolved(self, n_train: int) -> TrialSpec:
+        """This trial with `max_steps` as it trains on `n_train` training rows: from
+        `num_epochs` when that is set (see `steps_for_epochs`), else unchanged."""
+        if self.num_epochs is None:
+            return self
+        steps = steps_for_epochs(self.num_epochs, n_train, self.micro_batch_size,
+                                 self.grad_accum_steps)
+        return replace(self, max_steps=steps)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -27,7 +27,8 @@ def peft_state_dict(base: Base, slot: str) -> dict:
 
 
 def lora_config(base: Base, slot: str, spec: TrialSpec):
-    """The `peft.LoraConfig` describing adapter `slot` (target modules as concrete names)."""
+    """The `peft.LoraConfig` describing adapter `slot` (target modules as concrete names; rsLoRA
+    and the per-module patterns as PEFT reads them, so PEFT builds the same ranks and scales)."""
     from peft import LoraConfig
 
     names = sorted({path.rsplit(".", 1)[-1] for path in adapter_layers(base, slot)})
@@ -35,6 +36,9 @@ def lora_config(base: Base, slot: str, spec: TrialSpec):
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
+        use_rslora=spec.use_rslora,
+        rank_pattern=dict(spec.rank_pattern),
+        alpha_pattern=dict(spec.alpha_pattern),
         target_modules=names,
         bias="none",
         task_type="CAUSAL_LM",

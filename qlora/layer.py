@@ -2,7 +2,8 @@
 
 The batch is the concatenation of K row segments, one per adapter. The frozen base projection
 runs once over all rows (one dequantization of the NF4 weight per pass, whatever K is), and
-adapter k's low-rank path, B_k A_k dropout_k(x) * alpha_k / r_k, is added to its own rows only.
+adapter k's low-rank path, B_k A_k dropout_k(x) * scale_k, is added to its own rows only (scale_k is
+alpha / r, or alpha / sqrt(r) with rsLoRA; rank and alpha may differ per module, `rank_pattern`).
 Because nothing else in a decoder mixes batch rows, adapter k's outputs, loss and gradients depend
 on its own rows alone: that is what makes a packed trial numerically the trial alone.
 
@@ -15,7 +16,8 @@ Two details keep that promise under randomness:
 
 Speed: when every segment has the same number of rows and an adapter on this layer (the usual
 training pack), the K low-rank paths run as two batched matmuls over the K adapters, their A and
-B stacked (ranks zero-padded to the largest, which adds exact zeros), and one addition into the
+B stacked (ranks zero-padded to the largest, which adds exact zeros: adapters of different ranks on
+one layer, from `lora.r` or `rank_pattern`, batch together exactly), and one addition into the
 base's output; otherwise one segment at a time. Profiler labels are entered only while a profiler
 runs, since entering one costs about as much as a small matmul on a CPU.
 """
@@ -101,12 +103,12 @@ def label(name: str):
 class LoraAdapter(nn.Module):
     """One adapter's A (r x in) and B (out x r), kept in float32 as PEFT keeps them for k-bit bases."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+    def __init__(self, in_features: int, out_features: int, r: int, scale: float, dropout: float,
                  seed: int, path: str, device: torch.device) -> None:
         super().__init__()
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
-        self.scale = alpha / r
+        self.scale = scale  # alpha / r, or alpha / sqrt(r) with rsLoRA (TrialSpec.scale_of)
         self.dropout = dropout
         self.seed = seed
         self.path = path
@@ -123,7 +125,7 @@ class LoraAdapter(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
 
     def delta(self, x: torch.Tensor, tick: int, training: bool, width: int = 0) -> torch.Tensor:
-        """B A dropout(x) * alpha / r for these rows."""
+        """B A dropout(x) * scale for these rows."""
         return self.lora_B(self.lora_A(self.dropped(x, tick, training, width))) * self.scale
 
     def dropped(self, x: torch.Tensor, tick: int, training: bool, width: int = 0) -> torch.Tensor:

@@ -9,7 +9,8 @@ layers, h hidden size, i intermediate size, V vocabulary, K trials, b = bytes of
                  + n x b for linears when quant is none
                  + every other weight (embeddings, norms, lm_head) x 4   (kept in float32 for
                    k-bit training; x b when quant is none)
-    adapters     = sum_k P_k x 4      (P_k = sum over targeted linears r_k (in + out), fp32)
+    adapters     = sum_k P_k x 4      (P_k = sum over targeted linears r_k (in + out), fp32; r_k
+                                        per module where rank_pattern sets it)
     gradients    = sum_k P_k x 4
     optimizer    = sum_k P_k x 8      (AdamW 32-bit: two fp32 moments; 8-bit: x 2)
     activations  = sum_k N_k x per_token, with block = (10 h + 4 i) x b plus, per targeted
@@ -113,11 +114,12 @@ def estimate_memory(spec: BaseSpec, trials: list[TrialSpec], shapes: dict | None
     optimizer = 0
     for t in trials:
         targets = _targets(shapes["linears"], t.target_modules)
-        p = sum(t.r * (fi + fo) for fi, fo in targets)
+        p = sum(t.rank_of(path) * (fi + fo) for path, (fi, fo) in targets)
         adapter_params += p
         optimizer += p * (2 if t.optimizer == "paged_adamw_8bit" else 8)
         n = t.micro_batch_size * t.data.seq_len
-        block = (10 * h + 4 * i) * b + len(targets) / max(1, L) * (h + t.r) * 4
+        per_layer_lora = sum(h + t.rank_of(path) for path, _ in targets) / max(1, L)
+        block = (10 * h + 4 * i) * b + per_layer_lora * 4
         if device_type != "cuda":
             per_token = CPU_ACTIVATION_FACTOR[spec.gradient_checkpointing] * L * block
         elif spec.gradient_checkpointing:
@@ -134,10 +136,11 @@ def estimate_memory(spec: BaseSpec, trials: list[TrialSpec], shapes: dict | None
     )
 
 
-def _targets(linears: dict, target_modules) -> list[tuple[int, int]]:
+def _targets(linears: dict, target_modules) -> list[tuple[str, tuple[int, int]]]:
+    """(module path, (in, out)) of the linears `target_modules` selects."""
     if target_modules == "all-linear":
-        return list(linears.values())
-    return [s for path, s in linears.items()
+        return list(linears.items())
+    return [(path, s) for path, s in linears.items()
             if any(path == t or path.endswith("." + t) for t in target_modules)]
 
 

@@ -37,12 +37,12 @@ def lr_at(spec: TrialSpec, step: int) -> float:
 
     Same shape as transformers' `get_{cosine,linear,constant}_schedule_with_warmup`.
     """
-    base = spec.learning_rate
-    if step < spec.warmup_steps:
-        return base * step / max(1, spec.warmup_steps)
+    base, warmup = spec.learning_rate, spec.warmup  # warmup_steps, or from warmup_ratio
+    if step < warmup:
+        return base * step / max(1, warmup)
     if spec.lr_schedule == "constant":
         return base
-    progress = (step - spec.warmup_steps) / max(1, spec.max_steps - spec.warmup_steps)
+    progress = (step - warmup) / max(1, spec.max_steps - warmup)
     if spec.lr_schedule == "linear":
         return base * max(0.0, 1.0 - progress)
     return base * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))

@@ -3,7 +3,9 @@
 What the recipe does, in the order it runs:
 
 1. **Open a slot per trial.** Inject its adapter (own rank, alpha, dropout, init seed), build its
-   optimizer (own learning rate, schedule, clipping) and its data stream (own order).
+   optimizer (own learning rate, schedule, clipping) and its data stream (own order). A trial
+   given `num_epochs` gets its `max_steps` from its train split here (`TrialSpec.resolved`); its
+   result's `spec` is the resolved one.
 2. **One micro-step for all.** Each active trial contributes its micro-batch as one row segment;
    the base runs once over all rows, each adapter adds its path to its own rows.
 3. **Loss = sum of per-trial mean token losses**, so each adapter's gradient is its own data's.
@@ -157,6 +159,7 @@ def _open_slot(base: Base, spec: TrialSpec, data_cache: dict, checkpoint_dir=Non
 
         data_cache[spec.data] = load_data(spec.data, base.tokenizer)
     data = data_cache[spec.data]
+    spec = spec.resolved(len(data.train))  # num_epochs -> max_steps, from this train split
     key = f"t{spec.trial_id}"
     params = inject(base, key, spec)
     slot = _Slot(

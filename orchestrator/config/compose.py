@@ -53,11 +53,15 @@ def compose(overrides: list[str]) -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from orchestrator.config.validate import check_overrides
+
     try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return hydra_compose(config_name=CONFIG_NAME, overrides=overrides)
+            composed = hydra_compose(config_name=CONFIG_NAME, overrides=overrides)
     except Exception as e:  # any composition failure comes from the user's input
         raise _translate(e, overrides) from None
+    check_overrides(overrides)  # what only the overrides tell: keys the user gave both of
+    return composed
 
 
 def _translate(e: Exception, overrides: list[str]) -> ConfigError:
@@ -96,6 +100,11 @@ def _translate(e: Exception, overrides: list[str]) -> ConfigError:
             param = (key if key.startswith("sweep.params.") else full_key)[len("sweep.params."):]
             return ConfigError(key, f"not a param of this sweep; add or change one with "
                                     f"'++sweep.params={{{param}: [v1, v2]}}'")
+        for mapping in ("lora.rank_pattern", "lora.alpha_pattern"):
+            if full_key.startswith(mapping + "."):
+                return ConfigError(mapping, f"a new key of a mapping needs '++': write "
+                                            f"'++{mapping}={{q_proj: 8}}' (quoted, the whole "
+                                            f"mapping) or +{full_key}=VALUE")
         try:
             return unknown_key(full_key)
         except ConfigError as inner:

@@ -34,6 +34,14 @@ def preflight(cfg: Config) -> None:
     check_tracking(cfg)
     check_data(cfg)
     check_model(cfg)
+    check_resume(cfg)
+
+
+def check_resume(cfg: Config) -> None:
+    """`resume=PATH` names a trial checkpoint folder of one of the sweep's trials."""
+    from orchestrator.search.resume_trial import resume_config
+
+    resume_config(cfg)
 
 
 def check_data(cfg: Config) -> None:

@@ -28,7 +28,7 @@ from orchestrator.config.rules import (
     choice,
     nonempty,
 )
-from qlora.config import LIMITS, TINY, BaseSpec, DataSpec, TrialSpec
+from qlora.config import LIMITS, TINY, BaseSpec, DataSpec, TrialSpec, pattern_error
 
 
 def setting(default: Any, help: str, allowed: Rule | None = None, set_by: str = "") -> Any:
@@ -51,6 +51,18 @@ def engine(spec: type, name: str, help: str, note: str = "") -> Any:
     if limit is not None:
         rule = Rule(limit.allowed + (f" ({note})" if note else ""), limit.ok)
     return setting(list(default) if isinstance(default, tuple) else default, help, rule)
+
+
+def pattern(name: str, what: str) -> Any:
+    """`lora.rank_pattern` / `lora.alpha_pattern`: module pattern -> value, checked by the
+    engine's own rule (`qlora.config.pattern_error`)."""
+    noun = {"rank_pattern": "an integer rank in 1..1024",
+            "alpha_pattern": "a number alpha > 0"}[name]
+    rule = Rule(f"a mapping of module names or regular expressions (matched as PEFT's {name}) "
+                f"to {noun}", lambda v: pattern_error(name, v) is None)
+    return setting({}, f"module -> {what}, PEFT's {name}: a key matches a module whose path "
+                       "ends with it after a dot (a regular expression); the first key that "
+                       f"matches wins; others keep lora.{what.split()[0]}", rule)
 
 
 @dataclass
@@ -99,13 +111,22 @@ class LoraCfg:
     dropout: float = engine(TrialSpec, "dropout", "on the adapter's input")
     target_modules: list[str] | str = setting("all-linear", "or a list such as [q_proj, v_proj]",
                                               TARGET_MODULES)
+    use_rslora: bool = engine(TrialSpec, "use_rslora", "rsLoRA: scale by alpha / sqrt(r) instead "
+                                                       "of alpha / r (PEFT's use_rslora)")
+    rank_pattern: dict = pattern("rank_pattern", "r per module, e.g. {q_proj: 8}")
+    alpha_pattern: dict = pattern("alpha_pattern", "alpha per module, e.g. {'layers\\.0\\.': 8}")
 
 
 @dataclass
 class TrainCfg:
     learning_rate: float = engine(TrialSpec, "learning_rate",
                                   "QLoRA's default for 7B-13B models")
-    max_steps: int = engine(TrialSpec, "max_steps", "optimizer steps per trial")
+    max_steps: int = engine(TrialSpec, "max_steps", "optimizer steps per trial; ignored when "
+                                                    "num_epochs is set")
+    num_epochs: float | None = engine(
+        TrialSpec, "num_epochs", "passes over the train split instead of max_steps: steps = "
+        "ceil(num_epochs x train rows / (micro_batch_size x grad_accum_steps)), logged as "
+        "train_max_steps; giving max_steps too is an error", note="null = max_steps decides")
     micro_batch_size: int = engine(TrialSpec, "micro_batch_size",
                                    "sequences per adapter per forward pass")
     grad_accum_steps: int = engine(TrialSpec, "grad_accum_steps",
@@ -114,7 +135,12 @@ class TrainCfg:
     optimizer: str = engine(TrialSpec, "optimizer",
                             "paged_adamw_32bit | paged_adamw_8bit | adamw")
     weight_decay: float = engine(TrialSpec, "weight_decay", "AdamW's decoupled weight decay")
-    warmup_steps: int = engine(TrialSpec, "warmup_steps", "linear warmup before lr_schedule")
+    warmup_steps: int = engine(TrialSpec, "warmup_steps", "linear warmup before lr_schedule; "
+                                                          "ignored when warmup_ratio > 0")
+    warmup_ratio: float = engine(
+        TrialSpec, "warmup_ratio", "warmup as a fraction of the steps: ceil(warmup_ratio x "
+        "max_steps), logged as train_warmup_steps; giving warmup_steps too is an error",
+        note="0 = warmup_steps decides")
     lr_schedule: str = engine(TrialSpec, "lr_schedule",
                               "cosine | linear | constant, down to 0 at max_steps")
     max_grad_norm: float = engine(TrialSpec, "max_grad_norm", "per adapter; 0 disables clipping",
@@ -246,7 +272,12 @@ class Config:
     sweep: SweepDef = field(default_factory=SweepDef)
     seed: int = setting(0, "each trial's init and data order derive from it and the trial's own "
                            "config", at_least(0, "an integer"))
-    resume: bool = setting(False, "true: continue the latest unfinished sweep of the same name")
+    resume: bool | str = setting(
+        False, "true: continue the latest unfinished sweep of the same name; PATH: continue the "
+               "trial whose checkpoint folder it is (<checkpoint_dir>/<parent run id>/<trial id>, "
+               "with the overrides it ran with)",
+        Rule("true, false or a trial checkpoint folder", lambda v: isinstance(v, bool)
+             or bool(str(v).strip())))
     output_dir: str = setting("outputs", "checkpoints and run folders, relative to where you run",
                               nonempty("a folder path"))
     dry_run: bool = setting(False, "true: print the sweep's trials and exit without starting Ray "
@@ -280,8 +311,10 @@ class Config:
         return TrialSpec(
             trial_id=trial_id, name=name, seed=seed,
             r=lo.r, alpha=float(lo.alpha), dropout=lo.dropout, target_modules=tm,
+            use_rslora=lo.use_rslora, rank_pattern=lo.rank_pattern, alpha_pattern=lo.alpha_pattern,
             learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-            warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule, max_steps=t.max_steps,
+            warmup_steps=0 if t.warmup_ratio else t.warmup_steps, warmup_ratio=t.warmup_ratio,
+            lr_schedule=t.lr_schedule, max_steps=t.max_steps, num_epochs=t.num_epochs,
             micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
             max_grad_norm=t.max_grad_norm, optimizer=t.optimizer, eval_every=t.eval_every,
             data=self.data_spec(), inject_oom_at_step=t.inject_oom_at_step,

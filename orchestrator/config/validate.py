@@ -41,11 +41,45 @@ def validate(cfg: Any) -> Config:
     config = _build(Config, data, "")
     _check_tracking_uri(config.tracking.uri)
     config.sweep.params = sweep_params(config.sweep)
+    _check_exclusive_sweep(config)
     _check_eval(config)
     if config.sweep.strategy in DRAWING and config.sweep.num_trials is None:
         raise ConfigError("sweep.num_trials", f"must be an integer >= 1 for strategy "
                                               f"{config.sweep.strategy}, got null")
     return config
+
+
+#: Pairs of keys that say the same thing two ways: the first, when set, replaces the second (a
+#: model file's max_steps or warmup_steps is a default); the user giving both is an error.
+EXCLUSIVE = (("train.num_epochs", "train.max_steps", "null"),
+             ("train.warmup_ratio", "train.warmup_steps", "0"))
+_UNSET = ("null", "none", "0", "0.0", "")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """`ConfigError` when the command line sets both keys of an `EXCLUSIVE` pair."""
+    given = {}
+    for override in overrides:
+        key, eq, value = override.partition("=")
+        if eq and not key.startswith("~"):
+            given[key.lstrip("+")] = value.strip().lower()
+    for first, second, unset in EXCLUSIVE:
+        if given.get(first, "null") not in _UNSET and second in given:
+            raise ConfigError(first, f"exclusive with {second}: give one of them ({first} "
+                                     f"replaces the {second} a model file sets; {first}={unset} "
+                                     f"leaves it to {second})")
+
+
+def _check_exclusive_sweep(config: Config) -> None:
+    """A sweep that varies the second key of an `EXCLUSIVE` pair while the first is set (or
+    varied too) would train none of the values it lists."""
+    params = config.sweep.params
+    for first, second, _ in EXCLUSIVE:
+        section, _, leaf = first.partition(".")
+        if second in params and (first in params or getattr(getattr(config, section), leaf)):
+            raise ConfigError(f"sweep.params.{second}", f"exclusive with {first}, which is "
+                                                        f"{'varied' if first in params else 'set'}"
+                                                        f": vary one of them")
 
 
 def check_value(key: str, value: Any, label: str | None = None) -> Any:

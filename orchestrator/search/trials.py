@@ -8,14 +8,16 @@ seed), so the same config has the same id in any sweep: that is what resume and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import Config
-from qlora.config import BaseSpec, TrialSpec, stable_hash
+from qlora.config import BaseSpec, DataSpec, TrialSpec, stable_hash
 
 #: train.* options that never change a trial's numbers: the shared base's memory options, how
 #: often it is checkpointed, and the fault injection of tests (retries end with the same numbers).
@@ -27,7 +29,12 @@ _SHORT = {
     "train.micro_batch_size": "mbs", "train.grad_accum_steps": "ga", "train.seq_len": "len",
     "train.weight_decay": "wd", "train.warmup_steps": "wu", "train.max_grad_norm": "clip",
     "train.eval_every": "ev", "train.optimizer": "", "train.lr_schedule": "", "seed": "s",
+    "train.num_epochs": "ep", "train.warmup_ratio": "wr", "lora.use_rslora": "rs",
+    "lora.rank_pattern": "rp", "lora.alpha_pattern": "ap",
 }
+#: Keys left out of a trial's id while at these defaults, so ids from before they existed hold.
+_NEW_DEFAULTS = {"lora": {"use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}},
+                 "train": {"num_epochs": None, "warmup_ratio": 0.0}}
 _ALWAYS = ("lora.r", "lora.alpha", "train.learning_rate")
 #: Significant digits kept of a randomly drawn float, so params and names stay readable.
 DIGITS = 4
@@ -54,8 +61,35 @@ def make_trial(config: Config, params: dict[str, Any], tid: str | None = None,
     name = trial_name(config, params)
     if name in taken:
         name = f"{name}-{tid[:6]}"
+    config = as_trained(config)
     spec = config.trial_spec(tid, name, trial_seed(config.seed, tid))
     return Trial(tid, name, params, config, spec, config.base_spec())
+
+
+def as_trained(config: Config) -> Config:
+    """`config` with the step counts its trial trains with: `train.max_steps` from
+    `train.num_epochs` (counting the train split's rows, as the engine does) and
+    `train.warmup_steps` from `train.warmup_ratio`, so what MLflow records is what ran."""
+    spec = config.trial_spec("", "", 0)
+    if spec.num_epochs is not None:
+        spec = spec.resolved(train_rows(config.base_spec(), spec.data))
+    values = {k: v for k, v in (("train.max_steps", spec.max_steps),
+                                ("train.warmup_steps", spec.warmup))
+              if getattr(config.train, k.split(".")[1]) != v}
+    return apply(config, values) if values else config
+
+
+@functools.lru_cache(maxsize=16)
+def train_rows(base: BaseSpec, data: DataSpec) -> int:
+    """How many rows the train split of `data` has under `base`'s tokenizer (the tokenized data
+    is cached on disk, so the workers do not tokenize it again)."""
+    from qlora.base import load_tokenizer
+    from qlora.data import DataError, load_data
+
+    try:
+        return len(load_data(data, load_tokenizer(base)).train)
+    except DataError as e:
+        raise ConfigError("data.path", str(e)) from None
 
 
 def set_values(trial: Trial, values: dict[str, Any]) -> None:
@@ -100,7 +134,15 @@ def trial_id(cfg: Config) -> str:
         if data[key] is not None:
             data[key] = os.path.normpath(data[key])  # ./a.jsonl and a.jsonl are one file
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _NOT_IN_ID}
+    if train["num_epochs"] is not None:
+        train.pop("max_steps")  # the epochs decide the steps
+    if train["warmup_ratio"]:
+        train.pop("warmup_steps")
     lora = dataclasses.asdict(cfg.lora)
+    for section, values in (("lora", lora), ("train", train)):
+        for key, default in _NEW_DEFAULTS[section].items():
+            if values.get(key, default) == default:
+                values.pop(key, None)
     if not isinstance(lora["target_modules"], str):
         lora["target_modules"] = list(lora["target_modules"])
     return stable_hash({
@@ -124,6 +166,8 @@ def trial_name(cfg: Config, params: dict[str, Any]) -> str:
         short = _SHORT.get(key, key.rpartition(".")[2])
         if isinstance(value, list | tuple):
             value = "+".join(map(str, value))
+        elif isinstance(value, dict):  # module patterns: regular expressions, not name material
+            value = stable_hash(value, 6)
         shown = fmt_number(value, _NAME_DIGITS) if isinstance(value, float) else value
         parts.append(f"{short}{shown}")
     return "-".join(parts)

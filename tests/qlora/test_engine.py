@@ -24,14 +24,26 @@ from qlora.export import PEFT_PREFIX
 from qlora.memory import measured_bits_per_weight
 
 
+#: Per-module ranks and alphas (PEFT's patterns): q_proj rank 2 everywhere, layer 1's down_proj
+#: rank 12, so one layer holds adapters of ranks 2, 4, 16 and 2 (or 12, 4, 16, 2) in a pack.
+RANKS = {"q_proj": 2, r"layers\.1\.mlp\.down_proj": 12}
+ALPHAS = {"q_proj": 3.0, "v_proj": 40.0}
+
+
 def _trials(steps: int = 20) -> list[TrialSpec]:
-    # Different rank, alpha, learning rate, accumulation, optimizer: nothing shared but the base.
+    # Different rank, alpha, learning rate, accumulation, optimizer: nothing shared but the base;
+    # and the knobs that change a trial's recipe: rsLoRA, per-module ranks and alphas, warmup as
+    # a ratio, and a length in epochs (64 train rows, micro batch 2: `steps` steps).
     settings = [(4, 8.0, 1e-3, 1, "paged_adamw_32bit"), (8, 16.0, 3e-3, 2, "adamw"),
                 (16, 8.0, 5e-4, 1, "paged_adamw_8bit"), (2, 4.0, 2e-3, 1, "adamw")]
+    knobs = [dict(use_rslora=True, warmup_steps=2),
+             dict(rank_pattern=RANKS, alpha_pattern=ALPHAS, warmup_steps=2),
+             dict(warmup_ratio=0.15),
+             dict(num_epochs=steps * 2 / 64, warmup_steps=2)]
     return [TrialSpec(trial_id=f"t{k}", seed=100 + k, r=r, alpha=a, learning_rate=lr,
-                      grad_accum_steps=acc, optimizer=opt, max_steps=steps, micro_batch_size=2,
-                      dropout=0.1, eval_every=10, warmup_steps=2, data=DATA)
-            for k, (r, a, lr, acc, opt) in enumerate(settings)]
+                      grad_accum_steps=acc, optimizer=opt, micro_batch_size=2, dropout=0.1,
+                      eval_every=10, data=DATA, **{"max_steps": steps, **knob})
+            for k, ((r, a, lr, acc, opt), knob) in enumerate(zip(settings, knobs, strict=True))]
 
 
 @pytest.mark.parametrize("gc", [False, True], ids=["no-checkpointing", "checkpointing"])
@@ -44,6 +56,7 @@ def test_packed_equals_alone(data, gc):
         together = packed[trial.trial_id]
         assert together.status == alone.status == "finished"
         assert len(together.train_losses) == 20 and [s for s, _ in together.eval_history] == [10, 20]
+        assert together.spec.max_steps == 20  # num_epochs resolved to the steps it ran
         assert max_rel(curve(together), curve(alone)) <= 1e-4
     # The trials really differ, so equality above is not equality of untrained adapters.
     finals = sorted(r.eval_loss for r in packed.values())
@@ -68,22 +81,33 @@ def test_diverging_trial_is_stopped_and_isolated(data):
         assert max_rel(curve(mixed[trial.trial_id]), curve(reference[trial.trial_id])) <= 1e-4
 
 
-def test_peft_round_trip(data, tmp_path):
+@pytest.mark.parametrize("knobs", [{}, dict(use_rslora=True),
+                                   dict(rank_pattern=RANKS, alpha_pattern=ALPHAS)],
+                         ids=["lora", "rslora", "rank-alpha-pattern"])
+def test_peft_round_trip(data, tmp_path, knobs):
     from peft import PeftModel
 
     base = make_base(gc=False)
     trial = TrialSpec(trial_id="rt", seed=3, r=8, alpha=16.0, learning_rate=1e-2, max_steps=6,
-                      micro_batch_size=2, optimizer="adamw", data=DATA)
+                      micro_batch_size=2, optimizer="adamw", data=DATA, **knobs)
     result = train_pack(base, [trial], datasets=data)[0]
     folder = write_adapter(result.adapter, tmp_path / "adapter")
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16.0
+    assert config["use_rslora"] == knobs.get("use_rslora", False)
+    assert config["rank_pattern"] == knobs.get("rank_pattern", {})
+    assert config["alpha_pattern"] == knobs.get("alpha_pattern", {})
     assert config["base_model_name_or_path"] == base.source
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                              "up_proj", "down_proj"}
     weights = load_safetensors((folder / "adapter_model.safetensors").read_bytes())
     assert all(k.startswith(PEFT_PREFIX) and k.endswith(("lora_A.weight", "lora_B.weight"))
                for k in weights)
+    ranks = {k[len(PEFT_PREFIX):-len(".lora_A.weight")]: v.shape[0] for k, v in weights.items()
+             if k.endswith("lora_A.weight")}
+    assert ranks == {path: trial.rank_of(path) for path in ranks}
+    assert (ranks["model.layers.1.mlp.down_proj"], ranks["model.layers.0.self_attn.q_proj"]) == (
+        (12, 2) if "rank_pattern" in knobs else (8, 8))
 
     # The engine's logits with the exported weights, against PEFT's on a freshly loaded base.
     inject(base, "check", trial)
@@ -96,6 +120,12 @@ def test_peft_round_trip(data, tmp_path):
         plain = fresh.model(input_ids=ids.to(fresh.device)).logits.float().cpu()
         peft_model = PeftModel.from_pretrained(fresh.model, str(folder)).eval()
         theirs = peft_model(input_ids=ids.to(fresh.device)).logits.float().cpu()
+    # PEFT built the same per-module ranks and scales (alpha / r, or alpha / sqrt(r)).
+    peft_layers = {n: m for n, m in peft_model.base_model.model.named_modules()
+                   if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling}
+    assert len(peft_layers) == len(ranks)
+    assert {n: m.scaling["default"] for n, m in peft_layers.items()} == pytest.approx(
+        {n: trial.scale_of(n) for n in peft_layers})
     assert (ours - plain).abs().max() > 1e-3  # the adapter matters
     assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-4
 

@@ -34,6 +34,15 @@ def _files(folder: Path) -> None:
     (folder / "truncated.gguf").write_bytes(raw[: len(raw) - 100])
     (folder / "gguf_folder").mkdir()
     (folder / "gguf_folder" / "model.gguf").write_bytes(raw[:40])
+    for trial, files in (("0123456789ab", ()),  # 'latest' names a step folder left empty
+                         ("deadbeef0000", ("adapter.safetensors", "optimizer.safetensors"))):
+        step = folder / "checkpoints" / trial / "step-000004"
+        step.mkdir(parents=True)
+        (step.parent / "latest").write_text(step.name)
+        for name in files:
+            (step / name).write_bytes(b"")
+        if files:
+            (step / "state.json").write_text(f'{{"trial_id": "{trial}", "step": 4}}')
 
 
 def _gguf(path: Path) -> None:
@@ -71,7 +80,25 @@ CASES = [
     ("optimizer=sgd", ["train.optimizer=sgd"], "train.optimizer: must be one of paged_adamw_32bit"),
     ("lr_schedule=bogus", ["train.lr_schedule=bogus"], "train.lr_schedule: must be one of cosine"),
     ("max_adapters=0", ["pack.max_adapters=0"], "pack.max_adapters: must be an integer in 1..64"),
-    ("bool-typo", ["resume=yes-please"], "resume: must be true or false"),
+    ("resume-no-folder", ["resume=yes-please"], "resume: "),
+    ("resume-not-a-checkpoint", ["resume=not_a_model"], "resume: "),
+    ("resume-empty-step", ["resume=checkpoints/0123456789ab"], "which lacks adapter.safetensors"),
+    ("resume-other-trial", ["resume=checkpoints/deadbeef0000"],
+     "holds trial deadbeef0000, which is not a trial of this config"),
+    ("use_rslora=maybe", ["lora.use_rslora=maybe"], "lora.use_rslora: must be true or false"),
+    ("rank_pattern-rank-0", ["++lora.rank_pattern={q_proj: 0}"],
+     "lora.rank_pattern: must be a mapping of module names or regular expressions"),
+    ("rank_pattern-without-++", ["lora.rank_pattern={q_proj: 4}"],
+     "lora.rank_pattern: a new key of a mapping needs '++'"),
+    ("alpha_pattern-alpha-0", ["++lora.alpha_pattern={v_proj: 0}"], "lora.alpha_pattern: must be"),
+    ("num_epochs=0", ["train.num_epochs=0"], "train.num_epochs: must be a number in (0, 100000]"),
+    ("num_epochs-and-max_steps", ["train.num_epochs=2", "train.max_steps=10"],
+     "train.num_epochs: exclusive with train.max_steps"),
+    ("warmup_ratio=1", ["train.warmup_ratio=1"], "train.warmup_ratio: must be a number in [0, 1)"),
+    ("warmup_ratio-and-steps", ["train.warmup_ratio=0.1", "train.warmup_steps=5"],
+     "train.warmup_ratio: exclusive with train.warmup_steps"),
+    ("swept-max_steps-with-epochs", ["train.num_epochs=1", "++sweep.params={train.max_steps: [5]}"],
+     "sweep.params.train.max_steps: exclusive with train.num_epochs"),
     ("swept-value", ["sweep=rank_grid", "++sweep.params={lora.r: [4, 0]}"],
      "sweep.params.lora.r: must be an integer in 1..1024, got 0"),
     ("swept-base-key", ["++sweep.params={quant.type: [nf4, fp4]}"],
@@ -215,6 +242,13 @@ def test_known_model_that_cannot_be_fetched(tmp_path):
     ({"tracking": {"uri": "./mlruns"}}, "tracking.uri"),
     ({"cluster": {"address": "127.0.0.1"}}, "cluster.address"),
     ({"foo": 1}, "foo"),
+    ({"lora": {"alpha_pattern": {"q_proj[": 8}}}, "lora.alpha_pattern"),
+    ({"lora": {"rank_pattern": {"q_proj": 2.5}}}, "lora.rank_pattern"),
+    ({"lora": {"rank_pattern": [4]}}, "lora.rank_pattern"),
+    ({"train": {"num_epochs": -1}}, "train.num_epochs"),
+    ({"train": {"warmup_ratio": 0.1}, "sweep": {"params": {"train.warmup_steps": [1, 2]}}},
+     "sweep.params.train.warmup_steps"),
+    ({"resume": ""}, "resume"),
 ])
 def test_validate_names_the_key(data, key):
     with pytest.raises(ConfigError) as info:
