@@ -35,7 +35,7 @@ def measure(overrides: list[str], sweep: str = "rank_grid") -> dict:
         t1 = time.time()
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-3000:])
-        summary = json.loads((Path(tmp) / "outputs" / sweep / "summary.json").read_text())
+        summary = json.loads((Path(tmp) / "outputs" / sweep / "latest" / "summary.json").read_text())
     packs = {}
     for row in summary["trials"]:
         packs[row["pack_id"]] = (row["placement"]["pid"], row["pack_started"], row["pack_ended"])

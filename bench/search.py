@@ -39,7 +39,7 @@ def run(sweep: str, overrides: list[str]) -> dict:
         wall = time.time() - t0
         if done.returncode != 0:
             raise RuntimeError(f"sweep={sweep} exited {done.returncode}:\n{done.stderr[-3000:]}")
-        summary = json.loads((Path(tmp) / "outputs" / sweep / "summary.json").read_text())
+        summary = json.loads((Path(tmp) / "outputs" / sweep / "latest" / "summary.json").read_text())
     fig = summary["search"]
     return {"sweep": sweep, "wall_s": wall, "trials": len(summary["trials"]),
             "best_trial": fig["best_trial"], "best_eval_loss": fig["best_eval_loss"],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Any, NoReturn
 
-from orchestrator.config.compose import CONFIG_NAME, compose, config_dir
+from orchestrator.config.compose import CONFIG_NAME, compose, config_dir, multirun_job
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import Config
 
@@ -74,6 +74,9 @@ def _task(cfg: Any) -> int:
             preflight(config)
     except ConfigError as e:
         _fail(e)
+    job_name = multirun_name(config.sweep.name)
+    if job_name is not None:  # each job of -m is a sweep of its own, with its own name and folder
+        config.sweep.name = job_name
     if config.dry_run:
         print(_dry_run(config))
         _State.codes.append(0)
@@ -90,6 +93,44 @@ def _task(cfg: Any) -> int:
         _fail(e)
     _State.codes.append(code)
     return code
+
+
+#: Overrides that do not tell one -m job's sweep from another's (a sweep file names its own).
+_NOT_IN_NAME = ("sweep", "sweep.name", "resume", "dry_run")
+
+
+def multirun_name(name: str) -> str | None:
+    """The sweep name of this Hydra `-m` job, `<name>-<its overrides>` (`single-lora.r=4`), or
+    None outside `-m`. Two jobs of one `-m` never share a name, so they never share a parent run
+    or a folder."""
+    job = multirun_job()
+    if job is None:
+        return None
+    num, overrides = job
+    swept = _swept_keys(sys.argv[1:])
+    own = [o for o in overrides if _key(o) not in _NOT_IN_NAME and (not swept or _key(o) in swept)]
+    return f"{name}-{','.join(own)}" if own else (name if _only_sweeps(overrides) else
+                                                  f"{name}-job{num}")
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def _swept_keys(args: list[str]) -> set[str]:
+    """The keys a `-m` command line sweeps (`lora.r=4,8`, `range(...)`, `choice(...)`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(
+            [a for a in args if not a.startswith("-")])
+    except Exception:  # Hydra reports its own parse errors
+        return set()
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
+def _only_sweeps(overrides: list[str]) -> bool:
+    return any(o.split("=", 1)[0] in ("sweep", "sweep.name") for o in overrides)
 
 
 def _dry_run(config: Config) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from rich import box
@@ -116,7 +117,7 @@ class Console:
 
     def summary(self, sweep_name: str, rows: list[dict], *, adapters_dir: str,
                 parent_run_id: str | None, tracking_uri: str, experiment: str,
-                objective: Objective | None = None) -> None:
+                objective: Objective | None = None, experiment_id: str | None = None) -> None:
         """The leaderboard (best `objective` first, default eval_loss), failures with reasons,
         and where things are.
 
@@ -145,11 +146,32 @@ class Console:
         self.print(f"adapters:   {adapters_dir}/<trial>/adapter")
         self.print(f"MLflow:     parent run {parent_run_id} in experiment '{experiment}' "
                    f"at {tracking_uri}")
-        self.print(f"UI:         make ui   (or: mlflow ui --backend-store-uri {tracking_uri})")
+        for line in ui_lines(tracking_uri, experiment_id):
+            self.print(line)
 
     def _name(self, trial_id: str) -> str:
         trial = self._trials.get(trial_id)
         return trial.name if trial is not None else trial_id
+
+
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `make ui` and `mlflow ui` serve by default
+
+
+def ui_lines(tracking_uri: str, experiment_id: str | None, cwd: Path | None = None) -> list[str]:
+    """Where to see the sweep: the URL of the experiment's runs table in MLflow's machine learning
+    view (not the GenAI overview it opens on), and for a local store the command that serves it:
+    `make ui` in a checkout that has the target, else `mlflow ui ...` (an installed wheel)."""
+    http = tracking_uri.startswith(("http://", "https://"))
+    base = tracking_uri.rstrip("/") if http else MLFLOW_UI
+    page = (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            if experiment_id else base)
+    if http:
+        return [f"UI:         {page}"]
+    makefile = (cwd or Path.cwd()) / "Makefile"
+    has_target = makefile.is_file() and "\nui:" in "\n" + makefile.read_text(errors="replace")
+    serve = ("make ui" if has_target and tracking_uri == "sqlite:///mlflow.db"
+             else f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
+    return [f"UI:         {serve}", f"            then open {page}"]
 
 
 def _num(value: float | None) -> str:

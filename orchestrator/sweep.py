@@ -9,7 +9,9 @@ In the order it runs:
 3. **Connect** to Ray (the background start's result) and **plan** packs for that many workers.
 4. **Dispatch** packs; every poll, streamed metrics go to the tracker (buffered) and the console,
    and each ended pack's trials are recorded: adapter written under
-   `<output_dir>/<sweep>/<trial>/adapter/`, logged as the run's `adapter/` artifacts, run ended.
+   `<output_dir>/<sweep>/<run>/<trial>/adapter/`, logged as the run's `adapter/` artifacts, run
+   ended. `<run>` is this sweep run's own folder (`run_folder`), so a rerun never replaces an
+   earlier run's files; `<output_dir>/<sweep>/latest` links to the newest.
 5. **Summarise**: leaderboard, `summary.json` beside the adapters, exit status 0 when every trial
    finished (or was stopped by the search) and 1 otherwise.
 
@@ -33,6 +35,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -48,6 +51,7 @@ from orchestrator.cluster.events import (
     PackStarted,
     TrialEnded,
 )
+from orchestrator.config.compose import multirun_job
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import Config
 from orchestrator.console import Console
@@ -75,6 +79,7 @@ from orchestrator.tracking.tracker import Tracker
 from qlora.config import TrialStatus
 
 SUMMARY_FILE = "summary.json"
+LATEST_LINK = "latest"  # <output_dir>/<sweep>/latest -> the newest run's folder
 INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C
 
 
@@ -130,15 +135,16 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
                                       f"{tracker.parent_run_id}): {len(finished_runs)} of "
                                       f"{len(trials)} trials already finished")
                     checkpoints = _checkpoint_root(config, out_dir, previous, tracker)
-                    rows = _run(packs, workers, trials, tracker, console, out_dir,
+                    run_dir = open_run_dir(out_dir, tracker)
+                    rows = _run(packs, workers, trials, tracker, console, run_dir,
                                 search=search, checkpoint_dir=str(checkpoints),
                                 checkpoint_every=config.train.checkpoint_every,
                                 max_retries=config.cluster.max_retries)
-                    rows = with_finished(rows, trials, finished_runs, out_dir)
+                    rows = with_finished(rows, trials, finished_runs, run_dir)
                     done = {r["trial_id"] for r in rows}
                     failed = [r["trial_id"] for r in rows if not TrialStatus(r["status"]).succeeded]
                     failed += [t.trial_id for t in trials if t.trial_id not in done]  # never reported
-                    finished = finish_sweep(config, tracker, rows, trials, out_dir)
+                    finished = finish_sweep(config, tracker, rows, trials, run_dir)
                     tracker.end_sweep(failed)
             finally:
                 console.close()
@@ -149,17 +155,19 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
               f"continue from their last checkpoints with:\n  {_resume_command(config)}",
               file=sys.stderr, flush=True)
         return INTERRUPTED
-    console.summary(config.sweep.name, rows, adapters_dir=str(out_dir),
+    console.summary(config.sweep.name, rows, adapters_dir=str(run_dir),
                     parent_run_id=tracker.parent_run_id, tracking_uri=tracker.uri,
-                    experiment=tracker.experiment_name, objective=Objective.of(config))
+                    experiment=tracker.experiment_name, objective=Objective.of(config),
+                    experiment_id=tracker.experiment_id)
     for line in finished.lines:  # the search's figures, the registered adapter, the report
         console.print(line)
     exit_code = 1 if failed else 0
-    write_summary(out_dir / SUMMARY_FILE, config, tracker, rows, exit_code, extra={
+    write_summary(run_dir / SUMMARY_FILE, config, tracker, rows, exit_code, extra={
         "resumed": previous is not None,
         "trials_dispatched": sum(len(p.trials) for p in packs),
         "trials_already_finished": len(finished_runs),
         "checkpoint_dir": str(checkpoints),
+        "run_dir": str(run_dir),
         "search": finished.summary,
     })
     # A FINISHED sweep cannot be resumed: its checkpoints serve no one; a folder given with
@@ -196,6 +204,31 @@ def _checkpoint_root(config: Config, out_dir: Path, previous, tracker: Tracker) 
     return root
 
 
+def run_folder(parent_run_id: str, start_time_ms: int) -> str:
+    """A sweep run's folder name: its parent run's start (UTC) and id, `20261203-041502-3cb1a393`;
+    sortable, and the same for a resumed sweep (same parent run)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(start_time_ms / 1000))
+    return f"{stamp}-{parent_run_id[:8]}"
+
+
+def open_run_dir(out_dir: Path, tracker: Tracker) -> Path:
+    """Create this sweep run's folder under `out_dir` and point `out_dir/latest` at it."""
+    parent = tracker.client.get_run(tracker.parent_run_id)
+    run_dir = out_dir / run_folder(parent.info.run_id, parent.info.start_time)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    link = out_dir / LATEST_LINK
+    tmp = out_dir / f".{LATEST_LINK}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        tmp.symlink_to(run_dir.name, target_is_directory=True)
+        tmp.replace(link)  # atomic: readers see the old run or the new one, never no link
+    except OSError:  # a filesystem without symlinks: the folders are all there, only no link
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return run_dir
+
+
 def _resume_command(config: Config) -> str:
     """The command line that continues this sweep: the user's overrides plus `resume=true`."""
     try:
@@ -204,7 +237,10 @@ def _resume_command(config: Config) -> str:
         overrides = list(HydraConfig.get().overrides.task)
     except Exception:  # not under Hydra (a library call): the sweep's name is what resume needs
         overrides = [f"sweep={config.sweep.name}"]
-    overrides = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "resume"]
+    overrides = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in ("resume",
+                                                                                   "sweep.name")]
+    if multirun_job() is not None:  # a -m job's sweep has a name of its own: resume that one
+        overrides.append(f"sweep.name={config.sweep.name}")
     return " ".join(["python -m orchestrator", *map(shlex.quote, overrides), "resume=true"])
 
 

@@ -326,7 +326,7 @@ def _optimizer_step(slot: _Slot, on_metrics) -> None:
     train_loss = sum(slot.pending) / len(slot.pending)
     slot.pending.clear()
     slot.train_losses.append(train_loss)
-    metrics = {"train_loss": train_loss, "learning_rate": lr, "grad_norm": norm.item()}
+    metrics = {"train_loss": train_loss, "lr": lr, "grad_norm": norm.item()}
     if on_metrics is not None and on_metrics(spec.trial_id, slot.step, metrics):
         _end(slot, TrialStatus.STOPPED, f"stopped early at step {slot.step}")
         return

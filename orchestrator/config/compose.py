@@ -125,3 +125,17 @@ def _key_in(message: str, overrides: list[str]) -> str | None:
         if key and f"'{key}'" in message:
             return key
     return None
+
+
+def multirun_job() -> tuple[int, list[str]] | None:
+    """(job number, its overrides) when this runs as one job of a Hydra `-m`, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except Exception:  # not under Hydra
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return int(hc.job.num), list(hc.overrides.task)

@@ -20,6 +20,7 @@ ROLE_TAG = "qlora.role"
 ROLE_SWEEP = "sweep"
 ROLE_TRIAL = "trial"
 TRIAL_ID_TAG = "qlora.trial_id"
+TRIAL_SEED_TAG = "qlora.trial_seed"  # the seed of its init and data order (from seed + its config)
 FAILURE_TAG = "qlora.failure"
 STATUS_TAG = "qlora.status"  # the engine's word: finished | stopped | diverged | failed
 PACK_TAG = "qlora.pack_id"
@@ -50,6 +51,7 @@ PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 # Metrics
 TRAIN_LOSS = "train_loss"
+LR_METRIC = "lr"  # the schedule's value at each step (the param `learning_rate` is its peak)
 EVAL_LOSS = "eval_loss"
 SAMPLES_DIR = "samples"  # on a child: samples/step_000040.json, a table per evaluation
 # On the parent: the run's description (markdown) in the UI, here the leaderboard.
@@ -76,7 +78,6 @@ def trial_params(trial: Trial) -> dict[str, str]:
         for key, value in asdict(getattr(cfg, section)).items():
             params[PARAM_NAMES.get((section, key), f"{section}_{key}")] = _param_value(value)
     params["seed"] = _param_value(cfg.seed)
-    params["trial_seed"] = _param_value(trial.spec.seed)
     return params
 
 
@@ -100,8 +101,14 @@ def sweep_params(config: Config, num_trials: int, extra: dict | None = None) -> 
 
 
 def _param_value(value) -> str:
+    """A value as the UI should show it: integral numbers without `.0` (`32`, not `32.0`), lists
+    comma-joined, mappings as JSON; float(logged) still equals the value trained."""
     if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
+        return ",".join(_param_value(v) for v in value)
+    if isinstance(value, dict):
+        return _truncate(json.dumps(value, sort_keys=True))
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
     return _truncate(str(value))
 
 

@@ -60,6 +60,7 @@ from orchestrator.tracking.keys import (
     STEPS_TAG,
     TRAIN_LOSS,
     TRIAL_ID_TAG,
+    TRIAL_SEED_TAG,
     _truncate,
     sweep_params,
     trial_params,
@@ -288,8 +289,8 @@ class Tracker:
     def _new_child(self, trial: Trial) -> None:
         run = self.client.create_run(self.experiment_id, tags={
             PARENT_TAG: self.parent_run_id, ROLE_TAG: ROLE_TRIAL,
-            TRIAL_ID_TAG: trial.trial_id, RUN_NAME_TAG: trial.name,
-            **_base_tags(trial.config.model.name_or_path),
+            TRIAL_ID_TAG: trial.trial_id, TRIAL_SEED_TAG: str(trial.spec.seed),
+            RUN_NAME_TAG: trial.name, **_base_tags(trial.config.model.name_or_path),
         })
         run_id = run.info.run_id
         self.run_ids[trial.trial_id] = run_id

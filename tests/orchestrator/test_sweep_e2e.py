@@ -134,7 +134,7 @@ def test_adapters_load_with_peft(alone):
                          f"{ADAPTER_DIR}/adapter_model.safetensors"}
         from_mlflow = Path(alone.client.download_artifacts(
             run.info.run_id, ADAPTER_DIR, str(alone.root / "download" / tid)))
-        local = alone.root / "outputs" / "e2e" / run.info.run_name / "adapter"
+        local = alone.root / "outputs" / "e2e" / "latest" / run.info.run_name / "adapter"
         for folder in (from_mlflow, local):
             config = json.loads((folder / "adapter_config.json").read_text())
             assert config["r"] == int(run.data.params["lora_r"])
@@ -161,7 +161,7 @@ def test_a_diverged_trial_fails_alone(alone):
     assert alone.parent.info.status == "FAILED"
     assert alone.parent.data.tags[FAILURE_TAG] == "2 of 4 trials failed"
 
-    summary = json.loads((alone.root / "outputs" / "e2e" / "summary.json").read_text())
+    summary = json.loads((alone.root / "outputs" / "e2e" / "latest" / "summary.json").read_text())
     assert summary["exit_code"] == 1 and summary["parent_run_id"] == alone.parent.info.run_id
     rows = {r["trial_id"]: r for r in summary["trials"]}
     assert rows.keys() == alone.children.keys()

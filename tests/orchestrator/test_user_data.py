@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import subprocess
 import sys
@@ -63,18 +62,7 @@ def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _summary(cwd: Path, sweep: str) -> dict:
-    return json.loads((cwd / "outputs" / sweep / "summary.json").read_text())
-
-
-@pytest.mark.slow
-def test_users_file_trains_to_finished_trials(tmp_path):
-    # One format through the top-level key; every format trains to the end in the pack below.
-    path = write_chat(tmp_path / "chat.jsonl")
-    done = _run(tmp_path, f"data.path={path}", *FAST)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    rows = _summary(tmp_path, "single")["trials"]
-    assert [r["status"] for r in rows] == ["finished"]
-    assert math.isfinite(rows[0]["eval_loss"])
+    return json.loads((cwd / "outputs" / sweep / "latest" / "summary.json").read_text())
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ from qlora.adapters import inject, load_adapter_state, remove
 from qlora.export import PEFT_PREFIX
 from qlora.memory import measured_bits_per_weight
 
-
 #: Per-module ranks and alphas (PEFT's patterns): q_proj rank 2 everywhere, layer 1's down_proj
 #: rank 12, so one layer holds adapters of ranks 2, 4, 16 and 2 (or 12, 4, 16, 2) in a pack.
 RANKS = {"q_proj": 2, r"layers\.1\.mlp\.down_proj": 12}

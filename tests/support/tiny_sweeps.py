@@ -21,7 +21,7 @@ from orchestrator.config.schema import (
     TrackingCfg,
     TrainCfg,
 )
-from orchestrator.tracking.keys import ROLE_TAG, TRIAL_ID_TAG
+from orchestrator.tracking.keys import ROLE_TAG, TRIAL_ID_TAG, TRIAL_SEED_TAG
 
 MAX_STEPS = 8
 SEED = 7
@@ -88,14 +88,17 @@ def run(root: Path, cfg: Config) -> SweepRun:
     runs = client.search_runs([exp.experiment_id])
     [parent] = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]
     children = {r.data.tags[TRIAL_ID_TAG]: r for r in runs if r.data.tags.get(ROLE_TAG) == "trial"}
-    summary = json.loads((root / "outputs" / cfg.sweep.name / "summary.json").read_text())
+    summary = json.loads((root / "outputs" / cfg.sweep.name / "latest" / "summary.json").read_text())
     return SweepRun(exit_code, root, cfg, client, parent, children, summary)
 
 
 #: The engine's TrialSpec fields and the MLflow params that record them (DataSpec's under data.).
 SPEC_PARAMS = {
-    "seed": "trial_seed", "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
-    "target_modules": "lora_target_modules", "learning_rate": "learning_rate",
+    "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+    "target_modules": "lora_target_modules", "use_rslora": "lora_use_rslora",
+    "rank_pattern": "lora_rank_pattern", "alpha_pattern": "lora_alpha_pattern",
+    "learning_rate": "learning_rate", "warmup_ratio": "train_warmup_ratio",
+    "num_epochs": "train_num_epochs",
     "weight_decay": "train_weight_decay", "warmup_steps": "train_warmup_steps",
     "lr_schedule": "train_lr_schedule", "max_steps": "train_max_steps",
     "micro_batch_size": "train_micro_batch_size", "grad_accum_steps": "train_grad_accum_steps",
@@ -111,6 +114,10 @@ SPEC_PARAMS = {
 
 
 def _same(logged: str, used) -> bool:
+    if isinstance(used, list | tuple) and all(isinstance(u, list | tuple) for u in used) and used:
+        return json.loads(logged) == dict(used)  # rank_pattern / alpha_pattern: a JSON mapping
+    if used in ((), []) and logged == "{}":
+        return True
     if isinstance(used, list | tuple):
         return logged == ",".join(map(str, used))
     if isinstance(used, bool) or used is None or isinstance(used, str):
@@ -128,8 +135,10 @@ def assert_params_are_what_ran(run: SweepRun) -> int:
         params = run.children[row["trial_id"]].data.params
         trained = {**{k: v for k, v in row["trained"].items() if k != "data"},
                    **{f"data.{k}": v for k, v in row["trained"]["data"].items()}}
-        unmapped = set(trained) - set(SPEC_PARAMS) - {"trial_id", "name"}
+        unmapped = set(trained) - set(SPEC_PARAMS) - {"trial_id", "name", "seed"}
         assert not unmapped, f"TrialSpec fields with no param: {unmapped}"
+        tags = run.children[row["trial_id"]].data.tags
+        assert tags[TRIAL_SEED_TAG] == str(trained["seed"]), (row["name"], tags[TRIAL_SEED_TAG])
         for field, param in SPEC_PARAMS.items():
             assert _same(params[param], trained[field]), (row["name"], param, params[param],
                                                           trained[field])

@@ -431,7 +431,7 @@ def _checkpointed(cwd: Path):
 def _summary(cwd: Path) -> dict:
     import json
 
-    return json.loads((cwd / "outputs" / SWEEP / "summary.json").read_text())
+    return json.loads((cwd / "outputs" / SWEEP / "latest" / "summary.json").read_text())
 
 
 def _matches_reference(ledger: Ledger, reference: Ledger) -> None:

@@ -29,7 +29,7 @@ def test_one_worker_per_gpu_all_at_once(tmp_path):
     proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True,
                           text=True, timeout=300, cwd=repo, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    summary = json.loads((tmp_path / "outputs" / SWEEP / "summary.json").read_text())
+    summary = json.loads((tmp_path / "outputs" / SWEEP / "latest" / "summary.json").read_text())
     rows = summary["trials"]
     assert summary["exit_code"] == 0 and len(rows) == 8
     assert {r["status"] for r in rows} == {"finished"}

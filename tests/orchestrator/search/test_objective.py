@@ -120,7 +120,7 @@ def test_each_evaluation_logs_scores_and_a_samples_table(runs):
         em = sum(s["exact_match"] for s in final) / len(final)
         assert run.client.get_metric_history(run_id, "eval_exact_match")[-1].value == \
             pytest.approx(em)
-    side = run.root / "outputs" / "judge" / "samples_side_by_side.md"
+    side = run.root / "outputs" / "judge" / "latest" / "samples_side_by_side.md"
     text = side.read_text()
     assert all(f"**{name}**" in text for name in rows_of(run))
     assert "Say yes." in text or "Pick a letter." in text

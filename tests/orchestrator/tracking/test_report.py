@@ -37,7 +37,7 @@ def test_plots_are_artifacts_of_the_parent_run_and_open_as_images(optuna_run, tm
     folder = Path(run.client.download_artifacts(parent_id, REPORT_DIR, str(tmp_path)))
     for name in PLOTS:
         _is_image(folder / name)
-    beside = run.root / "outputs" / run.config.sweep.name
+    beside = run.root / "outputs" / run.config.sweep.name / "latest"
     assert (beside / "summary.json").is_file()
     for name in PLOTS:
         _is_image(beside / name)
@@ -48,7 +48,7 @@ def test_plots_are_artifacts_of_the_parent_run_and_open_as_images(optuna_run, tm
 @pytest.mark.slow
 def test_side_by_side_shows_the_best_trials_answers_to_the_same_prompts(optuna_run):
     run = optuna_run
-    text = (run.root / "outputs" / run.config.sweep.name / SIDE_BY_SIDE).read_text()
+    text = (run.root / "outputs" / run.config.sweep.name / "latest" / SIDE_BY_SIDE).read_text()
     best = best_row(run.summary["trials"])
     assert text.index(f"**{best['name']}**") < min(
         text.index(f"**{r['name']}**") for r in run.summary["trials"]
