@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from orchestrator.search.objective import Objective
+from orchestrator.tracking.keys import RUNS_VIEW_KEY
 from qlora.config import TrialStatus
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class Console:
         self.live = probe.is_terminal and not probe.is_dumb_terminal if live is None else live
         self.rich = RichConsole(file=stream, highlight=False,
                                 width=None if self.live else PLAIN_WIDTH)
+        self._log = _log_console()  # Hydra's orchestrator.log of this run, if there is one
         self._trials = {t.trial_id: t for t in trials}
         self._every = {t.trial_id: max(1, math.ceil(t.spec.max_steps / LINES_PER_TRIAL))
                        for t in trials}
@@ -65,8 +67,10 @@ class Console:
                 trial.name, total=trial.spec.max_steps, loss="", state="queued", start=False)
 
     def print(self, text: str) -> None:
-        """A line above the progress bars (or in the log)."""
+        """A line above the progress bars (or in the log), and in Hydra's `orchestrator.log`."""
         self.rich.print(text, markup=False)
+        if self._log is not None:
+            self._log.print(text, markup=False)
 
     def pack_started(self, pack_id: str, trial_ids: list[str],
                      placement: Placement | None) -> None:
@@ -141,6 +145,8 @@ class Console:
                           "-" if eval_loss is None else f"{eval_loss:.4f}",
                           *(_num(objective.of_row(r)) for _ in other), r["status"])
         self.rich.print(table)
+        if self._log is not None:
+            self._log.print(table)
         for r in failed:
             self.print(f"{r['status']}: {r['name']}: {r.get('reason') or 'no reason given'}")
         self.print(f"adapters:   {adapters_dir}/<trial>/adapter")
@@ -154,6 +160,18 @@ class Console:
         return trial.name if trial is not None else trial_id
 
 
+def _log_console() -> RichConsole | None:
+    """A plain console appending to the file of each logging FileHandler Hydra set up for this
+    job (its `orchestrator.log`), so the log holds what the user saw; None outside Hydra."""
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and handler.stream is not None:
+            return RichConsole(file=handler.stream, width=PLAIN_WIDTH, highlight=False,
+                               color_system=None, force_terminal=False, soft_wrap=False)
+    return None
+
+
 MLFLOW_UI = "http://127.0.0.1:5000"  # where `make ui` and `mlflow ui` serve by default
 
 
@@ -164,7 +182,7 @@ def ui_lines(tracking_uri: str, experiment_id: str | None, cwd: Path | None = No
     http = tracking_uri.startswith(("http://", "https://"))
     base = tracking_uri.rstrip("/") if http else MLFLOW_UI
     page = (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-            if experiment_id else base)
+            f"&viewStateShareKey={RUNS_VIEW_KEY}" if experiment_id else base)
     if http:
         return [f"UI:         {page}"]
     makefile = (cwd or Path.cwd()) / "Makefile"

@@ -120,8 +120,10 @@ def load_adapter(ref: str, tracking_uri: str | None = None, *, device: str | Non
     return LoadedAdapter(model, base.tokenizer, base, run_id, folder, lineage, version)
 
 
-def generate(loaded: LoadedAdapter, prompt: str, max_new_tokens: int = 32) -> str:
-    """Greedy continuation of `prompt` (the new text only)."""
+def generate(loaded: LoadedAdapter, prompt: str, max_new_tokens: int = 32,
+             min_new_tokens: int = 0) -> str:
+    """Greedy continuation of `prompt` (the new text only); at least `min_new_tokens` tokens
+    before the end-of-sequence token may end it."""
     import torch
 
     tok = loaded.tokenizer
@@ -129,6 +131,7 @@ def generate(loaded: LoadedAdapter, prompt: str, max_new_tokens: int = 32) -> st
     inputs = {k: v.to(loaded.base.device) for k, v in inputs.items()}
     with torch.no_grad():
         out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    min_new_tokens=min(min_new_tokens, max_new_tokens),
                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -153,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--instruction", help="an instruction, in the bundled data's alpaca prompt")
     parser.add_argument("--input", default="", help="the instruction's input (with --instruction)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--min-new-tokens", type=int, default=0,
+                        help="tokens generated before the end-of-sequence token may stop it")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     args = parser.parse_args(argv)
@@ -173,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{loaded.version.name} version {loaded.version.version} ({where})"
     print(f"# {where} on {loaded.lineage.get('base_model', '?')} "
           f"({loaded.lineage.get('quant_type', '?')})", file=sys.stderr)
-    print(generate(loaded, prompt, args.max_new_tokens))
+    text = generate(loaded, prompt, args.max_new_tokens, args.min_new_tokens)
+    if not text.strip():  # a blank line alone looks like a failure: say what happened
+        print("# the model answered with its end-of-sequence token at once (an empty answer); "
+              "--min-new-tokens N makes it write N tokens first", file=sys.stderr)
+    print(text)
     return 0
 
 

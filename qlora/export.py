@@ -7,9 +7,11 @@ omitted, as PEFT writes them for its default adapter.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors.torch import save as save_safetensors
 
 from .adapters import adapter_layers, adapter_state
@@ -65,3 +67,48 @@ def write_adapter(files: dict[str, bytes], folder: str | Path) -> Path:
         tmp.write_bytes(blob)
         tmp.replace(folder / name)  # atomic: a reader never sees half a file
     return folder
+
+
+def dequantized_model(base: Base, dtype: torch.dtype = torch.bfloat16):
+    """A plain transformers model (no bitsandbytes, no quantization config) holding `base`'s
+    weights as it trains on them: each 4-bit linear dequantized, every other weight cast to
+    `dtype`. Tied weights stay tied."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import AutoModelForCausalLM
+
+    state: dict[str, torch.Tensor] = {}
+    quantized: set[str] = set()
+    for name, module in base.model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = module.weight
+            state[f"{name}.weight"] = dequantize_4bit(w.data, w.quant_state).to(dtype)
+            quantized.add(name)
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias.detach().to(dtype)
+    for name, p in base.model.named_parameters():
+        if name.rpartition(".")[0] not in quantized:
+            state[name] = p.detach().to(dtype)
+    config = copy.deepcopy(base.model.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.use_cache = True
+    with torch.device("cpu"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"dequantized weights do not fit the model: missing "
+                         f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    if tied:
+        plain.tie_weights()
+    return plain.eval()
+
+
+def merge_adapter(model, adapter_dir: str | Path):
+    """`model` (a plain 16/32-bit model, e.g. `dequantized_model`) with the PEFT adapter in
+    `adapter_dir` merged into its weights: a transformers model that needs no PEFT."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().eval()

@@ -44,6 +44,32 @@ class WorkerPlan:
     resources: dict[str, float] = field(default_factory=dict)
 
 
+#: Warnings Ray prints on every local start that ask nothing of the user: token auth turned on
+#: by a token file (a Ray this sweep starts and ends itself), and the driver's Ray starting in
+#: the background thread (orchestrator.cluster.background), where no SIGTERM handler can be set.
+_LOCAL_NOISE = {
+    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled",
+    "ray._private.worker": "SIGTERM handler is not set",
+}
+
+
+class _DropStarting(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.text)
+
+
+def _quiet_local_start() -> None:
+    """Hide `_LOCAL_NOISE` (each logger's own filter: every other warning still shows)."""
+    for name, text in _LOCAL_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropStarting) for f in logger.filters):
+            logger.addFilter(_DropStarting(text))
+
+
 def connect(cluster: ClusterCfg) -> WorkerPlan:
     """Start, join or reuse Ray and resolve `num_workers` and `gpus_per_worker`.
 
@@ -56,6 +82,8 @@ def connect(cluster: ClusterCfg) -> WorkerPlan:
     owns = False
     if not ray.is_initialized():
         kwargs = dict(logging_level=logging.WARNING, configure_logging=True)
+        if cluster.address == "local":
+            _quiet_local_start()
         try:
             if cluster.address == "local":
                 # "local", not None: ray.init() alone joins the cluster named in

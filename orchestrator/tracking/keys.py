@@ -29,6 +29,12 @@ MEMORY_PEAK_TAG = "qlora.memory_peak_bytes"  # its measured peak (CUDA max alloc
 NODE_TAG = "qlora.node_id"
 DEVICES_TAG = "qlora.cuda_visible_devices"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# The runs view the console's URL opens (MLflow 3's shared view state, an experiment tag): the
+# columns a sweep is judged by, best eval_loss first, the latest sweep's trials shown.
+RUNS_VIEW_KEY = "qlora-runs"
+RUNS_VIEW_TAG = "mlflow.sharedViewState." + RUNS_VIEW_KEY
+RUNS_VIEW_COLUMNS = ("params.`lora_r`", "params.`lora_alpha`", "params.`learning_rate`",
+                     "metrics.`eval_loss`")
 DATA_TAG_PREFIX = "qlora.data."  # + data_hash, n_train, n_eval, n_truncated, n_skipped, ...
 BASE_TAG_PREFIX = "qlora.base."  # + gguf_file, gguf_sha256: a base converted from a GGUF file
 STEPS_TAG = "qlora.steps"  # optimizer steps the trial ran

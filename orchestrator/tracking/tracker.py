@@ -27,6 +27,8 @@ Counters on a child: `qlora.restarts` (sent again after a lost worker), `qlora.o
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,6 +57,8 @@ from orchestrator.tracking.keys import (
     ROLE_TAG,
     ROLE_TRIAL,
     RUN_NAME_TAG,
+    RUNS_VIEW_COLUMNS,
+    RUNS_VIEW_TAG,
     SAMPLES_DIR,
     STATUS_TAG,
     STEPS_TAG,
@@ -79,6 +83,8 @@ class Tracker:
     def __init__(self, tracking: TrackingCfg):
         """Connect to `tracking.uri` and get or create `tracking.experiment`."""
         self.uri = tracking.uri
+        # "Creating initial MLflow database tables..." on every new store: nothing to act on
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=tracking.uri)
         self.experiment_name = tracking.experiment
         self.experiment_id = self._experiment(tracking)
@@ -101,7 +107,15 @@ class Tracker:
         self._log_params(self.parent_run_id, sweep_params(config, len(trials), extra_params))
         for trial in trials:
             self._new_child(trial)
+        self._runs_view()
         return self.parent_run_id
+
+    def _runs_view(self) -> None:
+        """Point the experiment's runs view (`RUNS_VIEW_TAG`) at this sweep's trials."""
+        view = {"selectedColumns": list(RUNS_VIEW_COLUMNS),
+                "orderByKey": RUNS_VIEW_COLUMNS[-1], "orderByAsc": True,
+                "runsExpanded": {self.parent_run_id: True}}
+        self.client.set_experiment_tag(self.experiment_id, RUNS_VIEW_TAG, json.dumps(view))
 
     def add_trial(self, trial: Trial) -> None:
         """A RUNNING child run for a trial proposed after the sweep started (Optuna's rounds)."""
@@ -125,6 +139,7 @@ class Tracker:
         """
         self.parent_run_id = parent_id = parent.info.run_id
         self.client.update_run(parent_id, status="RUNNING")
+        self._runs_view()
         self._open.add(parent_id)
         self._forget_end(parent)
         resumes = int(parent.data.tags.get(RESUMES_TAG, "0")) + 1

@@ -11,7 +11,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.console import ui_lines
-from orchestrator.tracking.keys import LR_METRIC, ROLE_TAG, TRIAL_SEED_TAG, _param_value
+from orchestrator.tracking.keys import (
+    LR_METRIC,
+    ROLE_TAG,
+    RUNS_VIEW_COLUMNS,
+    RUNS_VIEW_KEY,
+    RUNS_VIEW_TAG,
+    TRIAL_SEED_TAG,
+    _param_value,
+)
 from tests.orchestrator.test_user_data import FAST, _run, write_chat
 
 QUICK = [*FAST[1:], "train.max_steps=2"]
@@ -68,16 +76,30 @@ def test_reruns_and_multirun_keep_every_earlier_file(tmp_path):
     assert child.data.params["lora_alpha"] == "32" and child.data.params["lora_r"].isdigit()
     assert "trial_seed" not in child.data.params and child.data.tags[TRIAL_SEED_TAG].isdigit()
     assert LR_METRIC in child.data.metrics and "learning_rate" not in child.data.metrics
+    # Quiet, and logged: no Ray or MLflow start-up chatter; the console's lines in Hydra's log.
+    for noise in ("Token authentication is enabled", "SIGTERM handler is not set",
+                  "Creating initial MLflow database tables"):
+        assert noise not in first.stderr + first.stdout, noise
+    [log] = sorted((tmp_path / "outputs" / ".hydra").glob("*/orchestrator.log"))[:1]
+    assert "sweep single: 1 of 1 trials finished" in log.read_text()
+    assert "finished after 2 steps" in log.read_text()
+    # The view the URL opens: the four columns, best eval_loss first, the latest sweep expanded.
+    view = json.loads(exp.tags[RUNS_VIEW_TAG])
+    assert view["selectedColumns"] == list(RUNS_VIEW_COLUMNS) and view["orderByAsc"] is True
+    latest_parent = max((r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"),
+                        key=lambda r: r.info.start_time)
+    assert view["runsExpanded"] == {latest_parent.info.run_id: True}
     url = f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType="
     assert url in first.stdout and "mlflow ui --backend-store-uri sqlite:///mlflow.db" in first.stdout
 
 
 def test_ui_lines_name_the_runs_page_and_how_to_serve_it(tmp_path):
     [only] = ui_lines("http://10.0.0.5:5000/", "7")
-    assert only.endswith("http://10.0.0.5:5000/#/experiments/7/runs?workflowType=machine_learning")
+    assert only.endswith("http://10.0.0.5:5000/#/experiments/7/runs?workflowType=machine_learning"
+                         f"&viewStateShareKey={RUNS_VIEW_KEY}")
     serve, page = ui_lines("sqlite:///mlflow.db", "3", cwd=tmp_path)  # a wheel: no Makefile
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in serve
-    assert page.endswith("/#/experiments/3/runs?workflowType=machine_learning")
+    assert "/#/experiments/3/runs?workflowType=machine_learning&" in page
     (tmp_path / "Makefile").write_text("all:\n\ttrue\nui: install\n\tmlflow ui\n")
     assert ui_lines("sqlite:///mlflow.db", "3", cwd=tmp_path)[0].endswith("make ui")
     assert "mlflow ui" in ui_lines("sqlite:////elsewhere/m.db", "3", cwd=tmp_path)[0]

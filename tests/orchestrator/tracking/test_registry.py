@@ -102,11 +102,11 @@ def test_load_cli_prints_the_generated_text(optuna_run):
     done = subprocess.run(
         [sys.executable, "-m", "orchestrator.load", f"models:/{NAME}@{CHAMPION_ALIAS}",
          "--tracking-uri", optuna_run.config.tracking.uri, "--instruction", "Reverse the string.",
-         "--input", "abc", "--max-new-tokens", "4", "--device", "cpu"],
+         "--input", "abc", "--max-new-tokens", "4", "--min-new-tokens", "4", "--device", "cpu"],
         capture_output=True, text=True, timeout=180, cwd=optuna_run.root, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{NAME} version 1" in done.stderr
-    assert done.stdout.endswith("\n")  # the generated text (a tiny model's: maybe blank) alone
+    assert done.stdout.endswith("\n") and done.stdout.strip()  # four tokens: a visible answer
 
 
 def test_load_cli_says_what_is_missing(optuna_run, capsys):
@@ -116,3 +116,50 @@ def test_load_cli_says_what_is_missing(optuna_run, capsys):
                  "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: models:/nobody@champion: ")
+
+
+@pytest.mark.slow
+def test_merged_export_of_the_champion_equals_its_peft_model(optuna_run, tmp_path):
+    """`--merge` of `models:/NAME@champion`: a plain transformers folder (no PEFT, no
+    bitsandbytes) whose fp32 logits equal the PeftModel's on the base it trained on (1e-4);
+    without `--merge`, a PEFT folder naming a loadable base."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.export import BASE_FILE, main
+    from orchestrator.load import load_adapter
+
+    ref, uri = f"models:/{NAME}@{CHAMPION_ALIAS}", optuna_run.config.tracking.uri
+    out = tmp_path / "merged"
+    assert main([ref, str(out), "--merge", "--dtype", "float32", "--tracking-uri", uri]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and not list(out.glob("adapter_*"))
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    loaded = load_adapter(ref, uri, device="cpu")
+    ids = loaded.tokenizer("### Instruction:\nSort the words.\n\n### Input:\nfig kiwi pear",
+                           return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = loaded.model(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert (got - want).abs().max().item() < 1e-4
+    no_adapter = loaded.model.get_base_model()
+    with torch.no_grad(), loaded.model.disable_adapter():
+        assert (no_adapter(input_ids=ids).logits - got).abs().max().item() > 1e-3  # it merged
+
+    folder = tmp_path / "adapter"
+    assert main([ref, str(folder), "--tracking-uri", uri]) == 0
+    named = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(named, "config.json").is_file()  # a base from_pretrained loads
+    assert json.loads((folder / BASE_FILE).read_text())["quant_type"] == "nf4"
+    assert main([ref, str(folder), "--tracking-uri", uri]) == 2  # not empty: refused
+
+
+def test_export_of_nothing_is_one_error_line(tmp_path, capsys):
+    from orchestrator.export import main
+
+    assert main([str(tmp_path), str(tmp_path / "out"), "--tracking-uri",
+                 f"sqlite:///{tmp_path}/m.db"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path}: ") and "adapter_config.json" in line
