@@ -70,11 +70,22 @@ def _quiet_local_start() -> None:
             logger.addFilter(_DropStarting(text))
 
 
+def auth_hint(error: BaseException) -> str:
+    """What to do when Ray refused this process's token (Ray 2.60 turns token auth on for a head
+    started where ~/.ray/auth_token exists; every process of that cluster must then agree)."""
+    text = f"{type(error).__name__} {error}"
+    if "InvalidAuthToken" not in text and "auth token" not in text.lower():
+        return ""
+    return ("; the cluster uses token auth: run with RAY_AUTH_MODE=token and the head's token "
+            "(~/.ray/auth_token, or RAY_AUTH_TOKEN), as every node of it does")
+
+
 def connect(cluster: ClusterCfg) -> WorkerPlan:
     """Start, join or reuse Ray and resolve `num_workers` and `gpus_per_worker`.
 
     A Ray already initialised in this process is reused as it is (and left running afterwards).
-    `local` starts Ray on this machine; `auto` and `ray://host:port` join an existing cluster.
+    `local` starts Ray on this machine; `auto` ($RAY_ADDRESS, else the last `ray start`), a head's
+    `HOST:PORT` and `ray://HOST:PORT` join an existing cluster.
     `gpus_per_worker` None means 1 on a cluster with GPUs, else 0. `num_workers` None means one
     worker per `gpus_per_worker` GPUs, or on a CPU-only cluster one per CPU (1 to 8).
     Raises `ClusterUnavailable` (a `ConfigError`) with a one-line reason naming the key at fault.
@@ -94,7 +105,7 @@ def connect(cluster: ClusterCfg) -> WorkerPlan:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ClusterUnavailable(
                 "cluster.address", f"cannot start or reach Ray at {cluster.address!r}: "
-                f"{first_line(e)}") from e
+                f"{first_line(e)}{auth_hint(e)}") from e
         owns = True
     try:
         resources = {k: float(v) for k, v in ray.cluster_resources().items()}

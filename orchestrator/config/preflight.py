@@ -116,12 +116,13 @@ def check_tracking(cfg: Config) -> None:
 
 
 def check_cluster(cfg: Config) -> None:
-    """`cluster.address`: local needs nothing; ray://HOST:PORT and auto need a listening cluster."""
+    """`cluster.address`: local needs nothing; HOST:PORT, ray://HOST:PORT and auto need a
+    listening cluster."""
     key, address = "cluster.address", cfg.cluster.address
     if address == "local":
         return
-    if address.startswith("ray://"):
-        host, _, port = address[len("ray://"):].rpartition(":")
+    if address != "auto":  # ray://HOST:PORT (Ray Client) or HOST:PORT (the head's GCS)
+        host, _, port = address.removeprefix("ray://").rpartition(":")
         reason = _tcp_error(host, int(port))
         if reason:
             raise ConfigError(key, f"cannot reach the Ray cluster at {address} ({reason}); "

@@ -46,7 +46,7 @@ def at_least(low: float, noun: str, note: str = "", optional: bool = False) -> R
     return Rule(text, lambda v: (optional and v is None) or (v is not None and v >= low))
 
 
-_RAY_URL = re.compile(r"^ray://[^\s:/]+:(\d{1,5})$")
+_RAY_URL = re.compile(r"^(?:ray://)?[^\s:/]+:(\d{1,5})$")  # ray://HOST:PORT or Ray's HOST:PORT
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -57,7 +57,8 @@ def _ray_address_ok(v: str) -> bool:
     return bool(m) and 1 <= int(m.group(1)) <= 65535
 
 
-ADDRESS = Rule("local, auto or ray://HOST:PORT", _ray_address_ok)
+ADDRESS = Rule("local, auto, HOST:PORT (the head's address, as `ray start` prints it) or "
+               "ray://HOST:PORT (Ray Client)", _ray_address_ok)
 METRIC_PATH = Rule("package.module:function or null",
                    lambda v: v is None or (v.count(":") == 1 and all(v.split(":"))))
 MODEL_NAME = nonempty(

@@ -185,8 +185,9 @@ class PackCfg:
 
 @dataclass
 class ClusterCfg:
-    address: str = setting("local", "local (start Ray here) | auto (join a running cluster) | "
-                                    "ray://host:port", ADDRESS)
+    address: str = setting("local", "local (start Ray here) | auto (join the cluster of "
+                                    "RAY_ADDRESS or the last `ray start`) | HOST:PORT | "
+                                    "ray://HOST:PORT", ADDRESS)
     num_workers: int | None = setting(None, "null = one per GPU, or one per CPU core without GPUs",
                                       at_least(1, "an integer", optional=True))
     gpus_per_worker: float | None = setting(None, "null = 1 where the cluster has GPUs, else 0",
