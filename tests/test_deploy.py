@@ -1,0 +1,64 @@
+"""`deploy/`: the `ray up` cluster and the KubeRay RayJob run commands this project accepts.
+
+Each file is parsed; the `python -m orchestrator ...` command it runs is composed and validated
+with the project's own config (a renamed or removed key fails here), and the pieces it names
+agree with each other (the MLflow service's port, the checkpoint volume's mount).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+from orchestrator.config.compose import compose
+from orchestrator.config.validate import validate
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def _config(command: str):
+    words = shlex.split(command)
+    at = words.index("orchestrator")
+    assert words[at - 2:at] == ["python", "-m"], command
+    return validate(compose(words[at + 1:]))
+
+
+def test_ray_up_cluster_and_its_job_command():
+    text = (DEPLOY / "ray-cluster.yaml").read_text()
+    spec = yaml.safe_load(text)
+    assert spec["head_node_type"] in spec["available_node_types"]
+    assert any("ray start --head" in c for c in spec["head_start_ray_commands"])
+    # The submit command in the opening comment (continued over two lines with a backslash).
+    comment = "\n".join(line[1:].strip() for line in text.splitlines() if line.startswith("#"))
+    submit = re.search(r"ray job submit .*?-- \\\n(python -m orchestrator [^\n]+)", comment)
+    assert submit, "no `ray job submit ... -- python -m orchestrator ...` in the comment"
+    cfg = _config(submit.group(1))
+    assert cfg.cluster.address == "auto" and cfg.tracking.uri.startswith("http://")
+    assert cfg.cluster.checkpoint_dir.startswith("/mnt/shared")
+
+
+def test_kuberay_rayjob_with_an_mlflow_server():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "rayjob.yaml").read_text())}
+    assert set(docs) == {"Deployment", "Service", "RayJob"}
+    job = docs["RayJob"]
+    assert job["apiVersion"] == "ray.io/v1"
+    cfg = _config(job["spec"]["entrypoint"])
+    service = docs["Service"]
+    assert cfg.tracking.uri == (f"http://{service['metadata']['name']}:"
+                                f"{service['spec']['ports'][0]['port']}")
+    server = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert server[:2] == ["mlflow", "server"]
+    assert server[server.index("--artifacts-destination") + 1].startswith("s3://")
+    assert str(service["spec"]["ports"][0]["targetPort"]) == server[server.index("--port") + 1]
+    cluster = job["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"],
+            *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]
+    for pod in pods:  # every Ray pod sees the checkpoints where the sweep writes them
+        mounts = {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        assert cfg.cluster.checkpoint_dir in mounts
+    gpus = [c["resources"]["limits"]["nvidia.com/gpu"] for g in cluster["workerGroupSpecs"]
+            for c in g["template"]["spec"]["containers"]]
+    assert all(n >= 1 for n in gpus)
