@@ -237,9 +237,10 @@ def _resume_command(config: Config) -> str:
         overrides = list(HydraConfig.get().overrides.task)
     except Exception:  # not under Hydra (a library call): the sweep's name is what resume needs
         overrides = [f"sweep={config.sweep.name}"]
-    overrides = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in ("resume",
-                                                                                   "sweep.name")]
-    if multirun_job() is not None:  # a -m job's sweep has a name of its own: resume that one
+    multirun = multirun_job() is not None  # a -m job's sweep has a name of its own: resume it
+    dropped = ("resume", "sweep.name") if multirun else ("resume",)
+    overrides = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in dropped]
+    if multirun:
         overrides.append(f"sweep.name={config.sweep.name}")
     return " ".join(["python -m orchestrator", *map(shlex.quote, overrides), "resume=true"])
 

@@ -37,7 +37,7 @@ def test_plots_are_artifacts_of_the_parent_run_and_open_as_images(optuna_run, tm
     folder = Path(run.client.download_artifacts(parent_id, REPORT_DIR, str(tmp_path)))
     for name in PLOTS:
         _is_image(folder / name)
-    beside = run.root / "outputs" / run.config.sweep.name / "latest"
+    beside = (run.root / "outputs" / run.config.sweep.name / "latest").resolve()
     assert (beside / "summary.json").is_file()
     for name in PLOTS:
         _is_image(beside / name)
