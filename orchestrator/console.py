@@ -68,9 +68,9 @@ class Console:
 
     def print(self, text: str) -> None:
         """A line above the progress bars (or in the log), and in Hydra's `orchestrator.log`."""
-        self.rich.print(text, markup=False)
+        self.rich.print(text, markup=False, soft_wrap=True)  # a URL or path stays one line
         if self._log is not None:
-            self._log.print(text, markup=False)
+            self._log.print(text, markup=False, soft_wrap=True)
 
     def pack_started(self, pack_id: str, trial_ids: list[str],
                      placement: Placement | None) -> None:
