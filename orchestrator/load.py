@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({loaded.lineage.get('quant_type', '?')})", file=sys.stderr)
     text = generate(loaded, prompt, args.max_new_tokens, args.min_new_tokens)
     if not text.strip():  # a blank line alone looks like a failure: say what happened
-        print("# the model answered with its end-of-sequence token at once (an empty answer); "
-              "--min-new-tokens N makes it write N tokens first", file=sys.stderr)
+        print(f"# the answer is blank ({text!r}: only whitespace, or the end-of-sequence token "
+              "at once); --min-new-tokens N makes the model write N tokens before it may stop",
+              file=sys.stderr)
     print(text)
     return 0
 
