@@ -14,7 +14,13 @@ from __future__ import annotations
 import sys
 from typing import Any, NoReturn
 
-from orchestrator.config.compose import CONFIG_NAME, compose, config_dir, multirun_job
+from orchestrator.config.compose import (
+    CONFIG_NAME,
+    compose,
+    config_dir,
+    multirun_job,
+    override_key,
+)
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import Config
 
@@ -108,13 +114,9 @@ def multirun_name(name: str) -> str | None:
         return None
     num, overrides = job
     swept = _swept_keys(sys.argv[1:])
-    own = [o for o in overrides if _key(o) not in _NOT_IN_NAME and (not swept or _key(o) in swept)]
+    own = [o for o in overrides if override_key(o) not in _NOT_IN_NAME and (not swept or override_key(o) in swept)]
     return f"{name}-{','.join(own)}" if own else (name if _only_sweeps(overrides) else
                                                   f"{name}-job{num}")
-
-
-def _key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0]
 
 
 def _swept_keys(args: list[str]) -> set[str]:
@@ -130,7 +132,7 @@ def _swept_keys(args: list[str]) -> set[str]:
 
 
 def _only_sweeps(overrides: list[str]) -> bool:
-    return any(o.split("=", 1)[0] in ("sweep", "sweep.name") for o in overrides)
+    return any(override_key(o) in ("sweep", "sweep.name") for o in overrides)
 
 
 def _dry_run(config: Config) -> str:

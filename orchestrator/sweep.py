@@ -51,7 +51,7 @@ from orchestrator.cluster.events import (
     PackStarted,
     TrialEnded,
 )
-from orchestrator.config.compose import multirun_job
+from orchestrator.config.compose import multirun_job, override_key
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import Config
 from orchestrator.console import Console
@@ -239,7 +239,7 @@ def _resume_command(config: Config) -> str:
         overrides = [f"sweep={config.sweep.name}"]
     multirun = multirun_job() is not None  # a -m job's sweep has a name of its own: resume it
     dropped = ("resume", "sweep.name") if multirun else ("resume",)
-    overrides = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in dropped]
+    overrides = [o for o in overrides if override_key(o) not in dropped]
     if multirun:
         overrides.append(f"sweep.name={config.sweep.name}")
     return " ".join(["python -m orchestrator", *map(shlex.quote, overrides), "resume=true"])

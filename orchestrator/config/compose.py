@@ -81,7 +81,7 @@ def _translate(e: Exception, overrides: list[str]) -> ConfigError:
                                   f"{', '.join(known) or '(none)'}{_HINTS.get(group, '')}")
     if isinstance(e, OverrideParseException):
         override = e.override or ""
-        key = _override_key(override) or "override"
+        key = override_key(override) or "override"
         if "=" not in override:
             return ConfigError(key, f"cannot parse {override!r}: not key=value; write e.g. "
                                     "lora.r=8, or sweep=rank_grid to choose a sweep")
@@ -114,14 +114,15 @@ def _translate(e: Exception, overrides: list[str]) -> ConfigError:
     return ConfigError(key, lines[0] if lines else type(e).__name__)
 
 
-def _override_key(override: str) -> str:
+def override_key(override: str) -> str:
+    """The dotted key of a command-line override (`++lora.r=8` -> `lora.r`)."""
     return override.split("=", 1)[0].lstrip("+~").strip() if "=" in override else override.strip()
 
 
 def _key_in(message: str, overrides: list[str]) -> str | None:
     """The key of the override a Hydra message quotes, if it quotes one."""
     for override in overrides:
-        key = _override_key(override)
+        key = override_key(override)
         if key and f"'{key}'" in message:
             return key
     return None
