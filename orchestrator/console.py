@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -82,6 +83,15 @@ class Console:
                 self._progress.update(self._tasks[tid], state="training")
         names = ", ".join(self._name(t) for t in trial_ids)
         self.print(f"{pack_id} started on {where}: {names}")
+
+    def workers_waiting(self, waiting: int, total: int, asks: str, since: float,
+                        cluster: dict) -> None:
+        """Workers that Ray has not placed yet, while packs wait for them."""
+        have = ", ".join(f"{v:g} {k}" for k, v in sorted(cluster.items()) if k in ("CPU", "GPU"))
+        stamp = time.strftime("%H:%M:%S", time.localtime(since))
+        self.print(f"waiting since {stamp} ({time.time() - since:.0f} s) for {waiting} of {total} "
+                   f"worker(s) to be placed, each asking {asks} (the cluster had {have or 'none'} "
+                   "when the sweep began); `ray status` shows what is free")
 
     def metrics(self, trial_id: str, step: int, metrics: dict[str, float]) -> None:
         """A streamed metrics point of one trial."""

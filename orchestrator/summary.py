@@ -40,15 +40,21 @@ from qlora.config import TrialStatus
 
 
 def record_trial(trial: Trial, result: TrialResult, outcome: PackOutcome, tracker: Tracker,
-            folder: Path, stop=None) -> dict:
+                 folder: Path, stop=None, stored: tuple[str, str, str] | None = None) -> dict:
     """Save a trial's adapter locally, end its run in MLflow, and return its summary row.
 
     `stop` (an `orchestrator.asha.Stop`) says at which rung and why the search stopped it.
+    `stored` is (cluster.storage root, parent run id, trial folder): the adapter is copied there
+    too (`orchestrator.cluster.storage.copy_adapter`) before it goes to the tracker.
     """
-    adapter_dir = None
+    adapter_dir = stored_at = None
     if result.adapter:
         # The local copy is promised to users; MLflow gets the same files from it.
         adapter_dir = write_adapter(result.adapter, folder / "adapter")
+        if stored is not None:
+            from orchestrator.cluster.storage import copy_adapter
+
+            stored_at = copy_adapter(adapter_dir, *stored)
     placement: Placement | None = outcome.placement
     tags = {PACK_TAG: outcome.pack_id}
     if outcome.memory_estimate is not None:
@@ -73,7 +79,7 @@ def record_trial(trial: Trial, result: TrialResult, outcome: PackOutcome, tracke
         stopped_at_rung=stop.rung if stop is not None else None,
         stop_reason=stop.reason if stop is not None else None, dispatched=True,
         trained=result.spec.to_dict() if result.spec is not None else None,
-        **counters(tracker, trial.trial_id))
+        adapter_storage=stored_at, **counters(tracker, trial.trial_id))
 
 
 def trial_row(trial: Trial, *, status, steps: int | None, eval_loss: float | None, run_id: str,
@@ -82,13 +88,15 @@ def trial_row(trial: Trial, *, status, steps: int | None, eval_loss: float | Non
               pack_started: float | None = None, pack_ended: float | None = None,
               placement: dict | None = None, stopped_at_rung: int | None = None,
               stop_reason: str | None = None, trained: dict | None = None,
-              eval_metrics: dict | None = None, samples: list | None = None) -> dict:
+              eval_metrics: dict | None = None, samples: list | None = None,
+              adapter_storage: str | None = None) -> dict:
     """The one shape of a trial's row in `summary.json`, whoever ran it.
 
     `trained` is the engine's spec as the worker trained with it (None for a trial an earlier
     driver finished): what ran, beside what the sweep asked for. `eval_metrics` are the last
     evaluation's scores besides eval_loss; `samples` its generated answers (empty for a trial an
-    earlier driver finished: they are in its run's samples/ tables).
+    earlier driver finished: they are in its run's samples/ tables). `adapter_storage` is
+    the adapter's copy under `cluster.storage`, if it has one.
     """
     return {
         "trial_id": trial.trial_id, "name": trial.name, "params": trial.params,
@@ -98,7 +106,7 @@ def trial_row(trial: Trial, *, status, steps: int | None, eval_loss: float | Non
         "eval_metrics": dict(eval_metrics or {}), "samples": list(samples or []),
         "reason": reason,
         "run_id": run_id, "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
-        "pack_id": pack_id, "pack_started": pack_started, "pack_ended": pack_ended,
+        "adapter_storage": adapter_storage, "pack_id": pack_id, "pack_started": pack_started, "pack_ended": pack_ended,
         "placement": placement, "stopped_at_rung": stopped_at_rung, "stop_reason": stop_reason,
         "dispatched": dispatched, "restarts": restarts, "oom_splits": oom_splits,
         "trained": trained,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import shutil
 import signal
 import sys
 import threading
@@ -41,6 +40,7 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
+from orchestrator.cluster import storage
 from orchestrator.cluster.background import abandon, start_connect
 from orchestrator.cluster.connect import disconnect
 from orchestrator.cluster.dispatch import dispatch
@@ -50,9 +50,10 @@ from orchestrator.cluster.events import (
     PackRetried,
     PackStarted,
     TrialEnded,
+    WorkersWaiting,
 )
 from orchestrator.config.compose import multirun_job, override_key
-from orchestrator.config.errors import ConfigError
+from orchestrator.config.errors import ConfigError, SweepLost
 from orchestrator.config.schema import Config
 from orchestrator.console import Console
 from orchestrator.finish import finish_sweep
@@ -76,16 +77,19 @@ from orchestrator.tracking.keys import (
     RESTARTS_TAG,
 )
 from orchestrator.tracking.tracker import Tracker
+from qlora import checkpoint
 from qlora.config import TrialStatus
 
 SUMMARY_FILE = "summary.json"
 LATEST_LINK = "latest"  # <output_dir>/<sweep>/latest -> the newest run's folder
 INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C
+LOST = 3  # the cluster or the tracking server went away (SweepLost): runs KILLED, resumable
 
 
 def run_sweep(config: Config, cluster: Future | None = None) -> int:
     """Run every trial of `config`'s sweep; 0 if all finished, 1 if any failed, 2 on a bad setup,
-    130 when interrupted (Ctrl-C: runs end KILLED and the command that resumes is printed).
+    3 when the cluster or the tracking server is gone (`SweepLost`) and 130 when interrupted
+    (Ctrl-C); in both, runs end KILLED and the command that resumes is printed.
 
     Bad setup (store or cluster unreachable) prints one `error:` line naming the key. With
     `resume=true`, the latest unfinished sweep of the same name continues (see the module's
@@ -137,9 +141,11 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
                     checkpoints = _checkpoint_root(config, out_dir, previous, tracker)
                     run_dir = open_run_dir(out_dir, tracker)
                     rows = _run(packs, workers, trials, tracker, console, run_dir,
-                                search=search, checkpoint_dir=str(checkpoints),
+                                search=search, checkpoint_dir=checkpoints,
+                                storage=storage.root(config.cluster.storage),
                                 checkpoint_every=config.train.checkpoint_every,
-                                max_retries=config.cluster.max_retries)
+                                max_retries=config.cluster.max_retries,
+                                lost_timeout_s=config.cluster.lost_timeout_s)
                     rows = with_finished(rows, trials, finished_runs, run_dir)
                     done = {r["trial_id"] for r in rows}
                     failed = [r["trial_id"] for r in rows if not TrialStatus(r["status"]).succeeded]
@@ -155,6 +161,11 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
               f"continue from their last checkpoints with:\n  {_resume_command(config)}",
               file=sys.stderr, flush=True)
         return INTERRUPTED
+    except SweepLost as e:
+        print(f"error: {e.key}: {e.reason}\nthe sweep stopped: runs marked KILLED; finished "
+              f"trials are kept and the others continue from their last checkpoints with:\n"
+              f"  {_resume_command(config)}", file=sys.stderr, flush=True)
+        return LOST
     console.summary(config.sweep.name, rows, adapters_dir=str(run_dir),
                     parent_run_id=tracker.parent_run_id, tracking_uri=tracker.uri,
                     experiment=tracker.experiment_name, objective=Objective.of(config),
@@ -166,14 +177,14 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
         "resumed": previous is not None,
         "trials_dispatched": sum(len(p.trials) for p in packs),
         "trials_already_finished": len(finished_runs),
-        "checkpoint_dir": str(checkpoints),
+        "checkpoint_dir": checkpoints,
         "run_dir": str(run_dir),
         "search": finished.summary,
     })
     # A FINISHED sweep cannot be resumed: its checkpoints serve no one; a folder given with
     # resume=PATH is the user's and is kept.
     if exit_code == 0 and resume_path(config) is None:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        checkpoint.remove(checkpoints)
     return exit_code
 
 
@@ -188,19 +199,23 @@ def _previous_sweep(config: Config, tracker: Tracker):
     return previous
 
 
-def _checkpoint_root(config: Config, out_dir: Path, previous, tracker: Tracker) -> Path:
-    """`<cluster.checkpoint_dir>/<parent run id>`: one folder per sweep run, so a new sweep of
-    the same name never continues from an older one's checkpoints; a resumed sweep reuses its own.
-    """
+def _checkpoint_root(config: Config, out_dir: Path, previous, tracker: Tracker) -> str:
+    """`<checkpoints>/<parent run id>`: one folder per sweep run, so a new sweep of the same name
+    never continues from an older one's checkpoints; a resumed sweep reuses its own.
+    `<checkpoints>` is `<cluster.storage>/checkpoints` (a folder or a URI), else
+    `cluster.checkpoint_dir`, else `<output_dir>/<sweep>/checkpoints`."""
     recorded = previous.data.tags.get(CHECKPOINT_DIR_TAG) if previous is not None else None
+    cluster = config.cluster
     if resume_path(config) is not None:
-        root = resume_path(config).parent  # the trial continues in the folder it was given
-    elif recorded and config.cluster.checkpoint_dir is None:
-        root = Path(recorded)
+        root = str(resume_path(config).parent)  # the trial continues in the folder it was given
+    elif recorded and cluster.checkpoint_dir is None and cluster.storage is None:
+        root = recorded
+    elif cluster.storage is not None:
+        root = storage.join(storage.root(cluster.storage), "checkpoints", tracker.parent_run_id)
     else:
-        base = Path(config.cluster.checkpoint_dir or out_dir / "checkpoints").expanduser()
-        root = base.resolve() / tracker.parent_run_id  # workers do not share the driver's cwd
-    tracker.set_sweep_tags({CHECKPOINT_DIR_TAG: str(root)})
+        base = Path(cluster.checkpoint_dir or out_dir / "checkpoints").expanduser()
+        root = str(base.resolve() / tracker.parent_run_id)  # workers do not share the driver's cwd
+    tracker.set_sweep_tags({CHECKPOINT_DIR_TAG: root})
     return root
 
 
@@ -277,11 +292,13 @@ def _open_tracker(config: Config) -> Tracker:
 
 
 def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, console: Console,
-         out_dir: Path, search: SearchRun | None = None, **faults) -> list[dict]:
+         out_dir: Path, search: SearchRun | None = None, storage: str | None = None,
+         **faults) -> list[dict]:
     """Dispatch the packs and record every trial as its pack ends; returns the summary rows.
 
-    `faults` are `dispatch`'s checkpoint_dir, checkpoint_every and max_retries. A `search` may
-    stop trials early, backfill slots and add trials (Optuna) as the sweep goes.
+    `faults` are `dispatch`'s checkpoint_dir, checkpoint_every, max_retries and lost_timeout_s.
+    A `search` may stop trials early, backfill slots and add trials (Optuna) as the sweep goes.
+    With a `storage` root, each adapter is also copied there (orchestrator.cluster.storage).
     """
     by_id = {t.trial_id: t for t in trials}
     folders = folder_names(trials)
@@ -314,6 +331,8 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
                                 if search is not None and ev.status == TrialStatus.STOPPED else None)
                         console.trial_ended(ev.trial_id, ev.status, ev.steps, ev.eval_loss,
                                             stop.reason if stop is not None else ev.reason)
+                elif isinstance(ev, WorkersWaiting):
+                    console.workers_waiting(ev.waiting, ev.total, ev.asks, ev.since, ev.cluster)
                 elif isinstance(ev, PackRetried):
                     pack_trials[ev.pack_id] = ev.trial_ids
                     tag = RESTARTS_TAG if ev.cause == "worker_lost" else OOM_SPLITS_TAG
@@ -332,7 +351,12 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
                                                 result.eval_loss, result.reason)
                         trial = by_id[result.trial_id]
                         stop = search.stop_of(trial.trial_id) if search is not None else None
+                        folder = folders[trial.trial_id]
+                        if storage is not None and result.adapter:
+                            stored = (storage, tracker.parent_run_id, folder)
+                        else:
+                            stored = None
                         rows[trial.trial_id] = record_trial(
-                            trial, result, ev, tracker, out_dir / folders[trial.trial_id], stop)
+                            trial, result, ev, tracker, out_dir / folder, stop, stored)
             tracker.flush()
     return [rows[t.trial_id] for t in trials if t.trial_id in rows]

@@ -12,8 +12,11 @@ Layout, under `<root>/<trial_id>/`:
     step-000040/state.json              counters, data position, histories, optimizer scalars
     latest                              the name of the newest complete step folder
 
-A step folder is written under a temporary name and renamed, then `latest` is replaced
-atomically, so a kill at any moment leaves the previous checkpoint intact and pointed to.
+On a local disk a step folder is written under a temporary name, its files and folder synced
+to disk (fsync), and renamed; then `latest` is replaced the same way, so a kill or a power loss
+at any moment leaves the previous checkpoint intact and pointed to. `root` may instead be a URI
+(`s3://bucket/prefix`, `gs://...`: anything fsspec serves): the step's objects are put first and
+`latest` last (one put, atomic on object stores), written from memory, never to a local file.
 """
 
 from __future__ import annotations
@@ -25,36 +28,98 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 KEEP = 2  # complete checkpoints kept per trial
 
 
+FILES = ("adapter.safetensors", "optimizer.safetensors", "state.json")
+
+
+def is_uri(root: str | Path) -> bool:
+    """True for `scheme://...` (fsspec), False for a local path (`file://` included)."""
+    text = str(root)
+    return "://" in text and not text.startswith("file://")
+
+
 def trial_dir(root: str | Path, trial_id: str) -> Path:
-    return Path(root) / trial_id
+    return Path(str(root).removeprefix("file://")) / trial_id
 
 
 def save(root: str | Path, trial_id: str, adapter: dict[str, torch.Tensor],
-         optimizer: torch.optim.Optimizer, state: dict) -> Path:
+         optimizer: torch.optim.Optimizer, state: dict) -> Path | str:
     """Write one checkpoint of trial `trial_id` at `state["step"]`; returns its folder."""
+    name = f"step-{state['step']:06d}"
+    tensors, scalars = _split_optimizer(optimizer.state_dict())
+    blobs = {"adapter.safetensors": save_bytes(adapter),
+             "optimizer.safetensors": save_bytes(tensors),
+             "state.json": json.dumps({**state, "optimizer": scalars}).encode()}
+    if is_uri(root):
+        return _put_remote(str(root), trial_id, name, blobs)
     folder = trial_dir(root, trial_id)
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"step-{state['step']:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder))
-    tensors, scalars = _split_optimizer(optimizer.state_dict())
-    save_file(adapter, tmp / "adapter.safetensors")
-    save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps({**state, "optimizer": scalars}))
+    for file, data in blobs.items():
+        _write_synced(tmp / file, data)
+    _sync(tmp)
     final = folder / name
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
+    _sync(folder)  # the rename itself is on disk before `latest` may name it
     pointer = folder / ".latest.tmp"
-    pointer.write_text(name)
+    _write_synced(pointer, name.encode())
     os.replace(pointer, folder / "latest")
+    _sync(folder)
     for old in sorted(p for p in folder.glob("step-*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fs(root: str):
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(root)
+    return fs, path.rstrip("/")
+
+
+def _put_remote(root: str, trial_id: str, name: str, blobs: dict[str, bytes]) -> str:
+    fs, base = _fs(root)
+    folder = f"{base}/{trial_id}"
+    for file, data in blobs.items():
+        fs.pipe_file(f"{folder}/{name}/{file}", data)
+    fs.pipe_file(f"{folder}/latest", name.encode())  # published only once the step is whole
+    fs.invalidate_cache(folder)
+    steps = sorted(p for p in fs.ls(folder, detail=False) if p.rsplit("/", 1)[-1].startswith("step-"))
+    for old in steps[:-KEEP]:
+        fs.rm(old, recursive=True)
+    return f"{root.rstrip('/')}/{trial_id}/{name}"
+
+
+def remove(root: str | Path) -> None:
+    """Delete a checkpoint root and everything under it (a finished sweep's), local or URI."""
+    if is_uri(root):
+        fs, base = _fs(str(root))
+        if fs.exists(base):
+            fs.rm(base, recursive=True)
+    else:
+        shutil.rmtree(trial_dir(root, ""), ignore_errors=True)
 
 
 def check_folder(folder: str | Path) -> str:
@@ -85,15 +150,27 @@ def check_folder(folder: str | Path) -> str:
 
 def load(root: str | Path, trial_id: str):
     """The newest complete checkpoint of `trial_id` as (adapter, optimizer_state, state), or None."""
-    folder = trial_dir(root, trial_id)
-    pointer = folder / "latest"
-    if not pointer.exists():
-        return None
-    step_dir = folder / pointer.read_text().strip()
-    state = json.loads((step_dir / "state.json").read_text())
-    adapter = load_file(step_dir / "adapter.safetensors")
-    optimizer = _join_optimizer(load_file(step_dir / "optimizer.safetensors"),
-                                state.pop("optimizer"))
+    if is_uri(root):
+        fs, base = _fs(str(root))
+        folder = f"{base}/{trial_id}"
+        if not fs.exists(f"{folder}/latest"):
+            return None
+        step = f"{folder}/{fs.cat_file(f'{folder}/latest').decode().strip()}"
+
+        def read(file: str) -> bytes:
+            return fs.cat_file(f"{step}/{file}")
+    else:
+        folder = trial_dir(root, trial_id)
+        pointer = folder / "latest"
+        if not pointer.exists():
+            return None
+        step_path = folder / pointer.read_text().strip()
+
+        def read(file: str) -> bytes:
+            return (step_path / file).read_bytes()
+    state = json.loads(read("state.json"))
+    adapter = load_bytes(read("adapter.safetensors"))
+    optimizer = _join_optimizer(load_bytes(read("optimizer.safetensors")), state.pop("optimizer"))
     return adapter, optimizer, state
 
 

@@ -96,6 +96,8 @@ def connect(cluster: ClusterCfg) -> WorkerPlan:
         if cluster.address == "local":
             _quiet_local_start()
         try:
+            if cluster.address != "local":
+                _outlive_the_head(cluster.lost_timeout_s)
             if cluster.address == "local":
                 # "local", not None: ray.init() alone joins the cluster named in
                 # /tmp/ray/ray_current_cluster (another user's, a test's) when there is one.
@@ -116,6 +118,18 @@ def connect(cluster: ClusterCfg) -> WorkerPlan:
         raise
     return WorkerPlan(num_workers=num_workers, gpus_per_worker=gpus, address=cluster.address,
                       owns_ray=owns, resources=resources)
+
+
+#: Ray's setting (read from the environment when this process joins) for how long a process
+#: waits for a head (GCS) that stopped answering before Ray ends the process, 60 s by default.
+GCS_RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+
+
+def _outlive_the_head(lost_timeout_s: float) -> None:
+    """Keep the driver alive past a head that died, so that the sweep ends itself after
+    `cluster.lost_timeout_s` (runs KILLED, exit 3) rather than being ended by Ray after 60 s with
+    its runs left RUNNING. A value the user set is kept."""
+    os.environ.setdefault(GCS_RECONNECT_ENV, str(int(2 * lost_timeout_s + 300)))
 
 
 def disconnect(plan: WorkerPlan) -> None:

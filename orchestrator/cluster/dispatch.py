@@ -3,28 +3,59 @@
 Every fraction of a second it yields the events that arrived: streamed metrics, trial ends, and
 each pack's `PackOutcome` (collected with `ray.wait`, so one failed pack never hides the others).
 A lost worker is replaced and a pack out of memory split (`orchestrator.cluster.faults`); the
-packs sent again go first.
+packs sent again go first, to whichever worker is free.
+
+Workers and the cluster. A worker is sent packs only once Ray has placed it and it answered
+(`PackWorker.placement`); a replacement that no node can host yet (its node died, the cluster
+is smaller than asked, an autoscaler is still growing) holds no work, and the console is told
+what it waits for and since when (`WorkersWaiting`). When no worker at all is placed while
+packs wait, for `lost_timeout_s`, the cluster is taken as gone: `SweepLost` (exit 3).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import ray
 from ray.util.queue import Empty, Queue
 
 from orchestrator.cluster.connect import WorkerPlan, worker_env
-from orchestrator.cluster.events import WORKER_LOST, Event, PackRetried, TrialEnded, first_line
+from orchestrator.cluster.events import (
+    WORKER_LOST,
+    Event,
+    PackRetried,
+    TrialEnded,
+    WorkersWaiting,
+    first_line,
+)
 from orchestrator.cluster.faults import after_lost_worker, after_oom, lost_pack
 from orchestrator.cluster.worker import PackWorker
+from orchestrator.config.errors import SweepLost
 from orchestrator.planner import Pack
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.25  # how long the driver waits for a pack before draining events again
+WAIT_NOTICE_S = 20.0  # a worker unplaced this long (or lost_timeout_s / 2) is reported, then
+#                       every WAIT_REPEAT_S
+WAIT_REPEAT_S = 60.0
+LOST_TIMEOUT_S = 120.0
+TEARDOWN_WAIT_S = 10.0  # how long the end of a sweep waits for its workers to be killed
+
+
+@dataclass
+class _Slot:
+    """One of the sweep's workers: its actor, and while Ray has not placed it, since when."""
+
+    worker: object
+    placing: ray.ObjectRef | None  # its placement() call, until it answers
+    since: float  # wall time this actor was asked for
 
 
 # -- the driver's loop --------------------------------------------------------------------------
@@ -32,14 +63,16 @@ POLL_INTERVAL_S = 0.25  # how long the driver waits for a pack before draining e
 def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_S, *,
              checkpoint_dir: str | None = None, checkpoint_every: int = 0,
              max_retries: int = 0, coordinator=None,
-             refill: Callable[[], list[Pack]] | None = None) -> Iterator[list[Event]]:
+             refill: Callable[[], list[Pack]] | None = None,
+             lost_timeout_s: float = LOST_TIMEOUT_S) -> Iterator[list[Event]]:
     """Run `packs` on up to `plan.num_workers` workers; yield the events of each poll interval.
 
-    Packs start in the order given as workers free up; packs sent again after a fault go first.
-    Each yielded list holds the streamed events that arrived (possibly none), then for every pack
-    that ended its `PackOutcome` and any `PackRetried` it caused; a pack's streamed events always
-    come before its outcome. Trials checkpoint under `checkpoint_dir` (see the module's Faults).
-    Workers and the queue are torn down when the generator finishes or is closed.
+    Packs start in the order given as placed workers free up; packs sent again after a fault go
+    first. Each yielded list holds the streamed events that arrived (possibly none), then for
+    every pack that ended its `PackOutcome` and any `PackRetried` it caused; a pack's streamed
+    events always come before its outcome. Trials checkpoint under `checkpoint_dir` (see the
+    module's Faults). Workers and the queue are torn down when the generator finishes or is
+    closed. Raises `SweepLost` when packs wait and no worker is placed for `lost_timeout_s`.
 
     A search (orchestrator.search.run) may pass a `coordinator` actor, handed to every pack
     (early stopping and backfill), and `refill`, asked for more packs whenever a worker is idle
@@ -47,13 +80,15 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
     """
     if not packs:
         return
-    queue = Queue(actor_options={"num_cpus": 0})
-    workers = [_new_worker(plan, i, queue) for i in range(min(plan.num_workers, len(packs)))]
-    idle = deque(range(len(workers)))
+    queue = _driver_queue()
+    slots = [_new_slot(plan, i, queue) for i in range(min(plan.num_workers, len(packs)))]
+    idle: deque[int] = deque()  # placed workers with nothing to do
     todo = deque(packs)
     running: dict[ray.ObjectRef, tuple[int, Pack]] = {}
     streamed: dict[str, TrialEnded] = {}  # the last streamed end of each trial
     restarts: dict[str, int] = {}  # trial_id -> times sent again after a lost worker
+    stalled_since: float | None = None  # since when packs wait and no worker is placed
+    noticed = (0.0, 0)  # when waiting workers were last reported, and how many
     try:
         while True:
             if refill is not None and idle and not todo:
@@ -62,26 +97,39 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
                 break
             while todo and idle:
                 slot, pack = idle.popleft(), todo.popleft()
-                ref = workers[slot].run_pack.remote(pack.pack_id, pack.base,
-                                                    [t.spec for t in pack.trials],
-                                                    checkpoint_dir, checkpoint_every, coordinator)
+                ref = slots[slot].worker.run_pack.remote(
+                    pack.pack_id, pack.base, [t.spec for t in pack.trials], checkpoint_dir,
+                    checkpoint_every, coordinator)
                 running[ref] = (slot, pack)
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
+            placing = {s.placing: i for i, s in enumerate(slots) if s.placing is not None}
+            ready, _ = ray.wait([*running, *placing], num_returns=1, timeout=poll_s)
             if ready:
-                ready, _ = ray.wait(list(running), num_returns=len(running), timeout=0)
+                ready, _ = ray.wait([*running, *placing],
+                                    num_returns=len(running) + len(placing), timeout=0)
             # Drain after waiting: whatever a finished pack streamed is already in the queue.
             events: list[Event] = _drain(queue)
             streamed.update((ev.trial_id, ev) for ev in events if isinstance(ev, TrialEnded))
             for ref in ready:
+                if ref in placing:
+                    i = placing[ref]
+                    try:
+                        ray.get(ref)
+                    except Exception as e:  # it died before it was placed: ask for another
+                        log.info("worker %d not started (%s); asking again", i, first_line(e))
+                        _replace(slots, i, plan, queue)
+                    else:
+                        slots[i].placing = None
+                        idle.append(i)
+                    continue
                 slot, pack = running.pop(ref)
                 again: list[tuple[Pack, PackRetried]] = []
                 try:
                     outcome = ray.get(ref)
                 except WORKER_LOST as e:
-                    with contextlib.suppress(Exception):
-                        ray.kill(workers[slot])
-                    workers[slot] = _new_worker(plan, slot, queue)
+                    # Its slot waits for a replacement; its trials go to whichever worker is free.
+                    _replace(slots, slot, plan, queue)
                     outcome, again = after_lost_worker(pack, e, streamed, restarts, max_retries)
+                    slot = None
                 except Exception as e:
                     outcome = lost_pack(pack, e)
                 else:
@@ -90,23 +138,75 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
                 events.append(outcome)
                 events.extend(retried for _, retried in again)
                 todo.extendleft(reversed([p for p, _ in again]))
-                idle.append(slot)
+                if slot is not None:
+                    idle.append(slot)
+            now = time.time()
+            waiting = [s for s in slots if s.placing is not None]
+            if waiting and (todo or not (running or idle)):
+                since = min(s.since for s in waiting)
+                notice = min(WAIT_NOTICE_S, lost_timeout_s / 2)
+                changed = len(waiting) != noticed[1]
+                if now - since >= notice and (changed or now - noticed[0] >= WAIT_REPEAT_S):
+                    noticed = (now, len(waiting))
+                    events.append(WorkersWaiting(len(waiting), len(slots), _asks(plan), since,
+                                                 dict(plan.resources), now))
+            if todo and not (running or idle):
+                stalled_since = stalled_since or now
+                if now - stalled_since >= lost_timeout_s:
+                    raise SweepLost("cluster.lost_timeout_s", (
+                        f"no node could host a worker for {lost_timeout_s:g} s (each asks "
+                        f"{_asks(plan)}; {sum(len(p.trials) for p in todo)} trial(s) waiting): "
+                        "the cluster is gone or too small"))
+            else:
+                stalled_since = None
             yield events
     finally:
-        # Best effort: after Ctrl-C or a lost Ray, a failing teardown must not mask the cause.
-        for worker in workers:
-            with contextlib.suppress(Exception):
-                ray.kill(worker)
-        with contextlib.suppress(Exception):
-            queue.shutdown(force=True)
+        # Best effort: after Ctrl-C or a lost Ray, a failing teardown must not mask the cause,
+        # and a head that stopped answering must not hold the driver (ray.kill asks the GCS).
+        _kill([s.worker for s in slots] + [queue.actor], wait_s=TEARDOWN_WAIT_S)
 
 
-def _new_worker(plan: WorkerPlan, index: int, queue: Queue):
-    return PackWorker.options(
+def _driver_queue() -> Queue:
+    """The stream's queue, on the driver's own node (soft: elsewhere if that one cannot host it),
+    so that losing another node does not lose the live metrics of the rest of the sweep."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+
+
+def _asks(plan: WorkerPlan) -> str:
+    gpus = f", {plan.gpus_per_worker:g} GPU" if plan.gpus_per_worker else ""
+    return f"1 CPU{gpus}"
+
+
+def _new_slot(plan: WorkerPlan, index: int, queue: Queue) -> _Slot:
+    worker = PackWorker.options(
         num_cpus=1,
         num_gpus=plan.gpus_per_worker,
         runtime_env={"env_vars": worker_env(plan)},
     ).remote(index, queue)
+    placing = worker.placement.remote()  # answers once the process runs: the cheap __init__
+    worker.warm.remote()  # then the imports, ahead of the first pack
+    return _Slot(worker, placing, time.time())
+
+
+def _replace(slots: list[_Slot], index: int, plan: WorkerPlan, queue: Queue) -> None:
+    _kill([slots[index].worker], wait_s=0)
+    slots[index] = _new_slot(plan, index, queue)
+
+
+def _kill(actors: list, wait_s: float) -> None:
+    """`ray.kill` each actor from a thread of its own, waiting up to `wait_s` for them: with the
+    head gone, ray.kill blocks until Ray gives up on the GCS (minutes)."""
+    def kill() -> None:
+        for actor in actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+
+    thread = threading.Thread(target=kill, name="kill-workers", daemon=True)
+    thread.start()
+    thread.join(wait_s)
 
 
 def _drain(queue: Queue) -> list:

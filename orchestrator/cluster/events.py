@@ -94,7 +94,20 @@ class PackRetried:
     time: float
 
 
-Event = PackStarted | MetricsEvent | TrialEnded | PackOutcome | PackRetried
+@dataclass
+class WorkersWaiting:
+    """Workers Ray has not placed yet (no node has room, or none is left), reported by the driver
+    while packs wait for them: `waiting` of `total` workers, each asking `asks`, since `since`."""
+
+    waiting: int
+    total: int
+    asks: str  # what one worker asks Ray for, e.g. "1 CPU, 1 GPU"
+    since: float
+    cluster: dict  # the cluster's resources when the sweep began
+    time: float
+
+
+Event = PackStarted | MetricsEvent | TrialEnded | PackOutcome | PackRetried | WorkersWaiting
 
 #: What Ray raises when a worker's process or node is gone (the pack may run again elsewhere).
 WORKER_LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,

@@ -81,16 +81,21 @@ class PackWorker:
     """Trains packs one after another on one device, keeping the loaded base between them."""
 
     def __init__(self, index: int, queue: Queue):
-        import torch
-
-        if not torch.cuda.is_available():
-            torch.set_num_threads(1)
+        # Cheap on purpose: the driver counts a worker as placed once `placement` answers, which
+        # waits for this; the engine's imports follow in `warm`.
         self._index = index
         self._queue = queue
         self._base = None
         self._loads = 0  # bases loaded so far (backfill and reuse keep this low)
-        # Import the engine now: Ray builds workers while the driver still plans and records,
-        # so the first pack does not wait for these imports.
+        self._rss0 = None
+
+    def warm(self) -> None:
+        """Import the engine now: Ray builds workers while the driver still plans and records,
+        so the first pack does not wait for these imports (the driver calls it after creating)."""
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(1)
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401
         import transformers  # noqa: F401
@@ -98,7 +103,8 @@ class PackWorker:
         import qlora.train  # noqa: F401
         from qlora.memory import rss_bytes
 
-        self._rss0 = rss_bytes()  # the runtime's share, left out of a CPU pack's measured peak
+        if self._rss0 is None:
+            self._rss0 = rss_bytes()  # the runtime's share, left out of a CPU pack's peak
 
     def placement(self) -> Placement:
         """Where this worker runs and which devices Ray gave it."""
@@ -128,6 +134,7 @@ class PackWorker:
         from qlora import train_pack
         from qlora.memory import peak_bytes, reset_peak
 
+        self.warm()  # a no-op after the first time
         placement = self.placement()
         started = time.time()
         cuda = torch.cuda.is_available()

@@ -32,6 +32,7 @@ def preflight(cfg: Config) -> None:
     """Every check below, cheapest first; raises the first `ConfigError`."""
     check_cluster(cfg)
     check_tracking(cfg)
+    check_storage(cfg)
     check_data(cfg)
     check_model(cfg)
     check_resume(cfg)
@@ -113,6 +114,13 @@ def check_tracking(cfg: Config) -> None:
             _check_writable_dir("tracking.artifact_location", Path(os.path.expanduser(location)))
     elif uri.startswith(("http://", "https://")):
         _check_mlflow_server(key, uri.rstrip("/"))
+
+
+def check_storage(cfg: Config) -> None:
+    """`cluster.storage`: the folder or bucket takes a write (orchestrator.cluster.storage)."""
+    from orchestrator.cluster import storage
+
+    storage.check(cfg.cluster.storage)
 
 
 def check_cluster(cfg: Config) -> None:

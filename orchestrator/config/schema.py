@@ -198,6 +198,16 @@ class ClusterCfg:
         None, "null = <output_dir>/<sweep name>/checkpoints; on a cluster, a path every node "
               "shares", nonempty("a folder path (shared by every node on a cluster) or null "
                                  "(<output_dir>/<sweep>/checkpoints)"))
+    storage: str | None = setting(
+        None, "where checkpoints and a copy of each adapter go: null = cluster.checkpoint_dir; a "
+              "folder; or a URI (s3://bucket/prefix, gs://..., anything fsspec serves) for nodes "
+              "with no shared disk; endpoint and credentials from the environment "
+              "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or ~/.aws/",
+        nonempty("a folder, a URI such as s3://bucket/prefix, or null"))
+    lost_timeout_s: float = setting(
+        120.0, "seconds with packs waiting and no worker placed (the cluster died, its address "
+               "stopped answering) before the sweep stops: runs KILLED, exit 3, resumable",
+        Rule("a number of seconds > 0", lambda v: v > 0))
 
 
 @dataclass
@@ -205,6 +215,10 @@ class TrackingCfg:
     uri: str = setting("sqlite:///mlflow.db", "or http(s)://host:port of an MLflow server; file "
                                               "stores are refused by MLflow 3")
     experiment: str = setting("qlora-sweeps", "the MLflow experiment", nonempty())
+    lost_timeout_s: float = setting(
+        120.0, "seconds a tracking server may not answer (calls are retried, training goes on) "
+               "before the sweep stops: exit 3, resumable", Rule("a number of seconds > 0",
+                                                                lambda v: v > 0))
     artifact_location: str = setting("mlartifacts", "for a new experiment on a local store",
                                      nonempty())
     register_as: str | None = setting(

@@ -43,6 +43,7 @@ def validate(cfg: Any) -> Config:
     config.sweep.params = sweep_params(config.sweep)
     _check_exclusive_sweep(config)
     _check_eval(config)
+    _check_storage(config)
     if config.sweep.strategy in DRAWING and config.sweep.num_trials is None:
         raise ConfigError("sweep.num_trials", f"must be an integer >= 1 for strategy "
                                               f"{config.sweep.strategy}, got null")
@@ -283,6 +284,21 @@ def _check_eval(config: Config) -> None:
     if config.sweep.objective != "eval_loss" and config.eval.num_samples == 0:
         raise ConfigError("sweep.objective", f"{config.sweep.objective} needs generated answers; "
                                              "set eval.num_samples >= 1, or use eval_loss")
+
+
+def _check_storage(config: Config) -> None:
+    from orchestrator.cluster import storage
+
+    value = config.cluster.storage
+    if value is None:
+        return
+    if config.cluster.checkpoint_dir is not None:
+        raise ConfigError("cluster.storage", "exclusive with cluster.checkpoint_dir: give one "
+                                             "(cluster.storage puts checkpoints under "
+                                             "<storage>/checkpoints)")
+    why = storage.rule_error(value)
+    if why:
+        raise ConfigError("cluster.storage", why)
 
 
 def _check_tracking_uri(uri: str) -> None:

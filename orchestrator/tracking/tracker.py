@@ -15,7 +15,8 @@ Statuses. A child ends FINISHED when its trial finished or was stopped early by 
 FAILED (tag `qlora.failure` says why) when it diverged or failed. The parent mirrors the exit
 code: FINISHED when every trial finished, FAILED (with `qlora.failure` counting the failed
 trials) otherwise, so the runs list flags a sweep that needs a look. If the driver itself raises,
-`Tracker` as a context manager ends every run still RUNNING: KILLED for Ctrl-C, else FAILED.
+`Tracker` as a context manager ends every run still RUNNING: KILLED for Ctrl-C and for a lost
+cluster or server (`SweepLost`, resumable), else FAILED.
 
 Resume. MLflow is the sweep's ledger: `find_unfinished_sweep` finds the latest parent of the same
 name that is not FINISHED, and `resume_sweep` continues it in place: a trial whose child run is
@@ -29,6 +30,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import re
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +42,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from orchestrator.config.errors import SweepLost
 from orchestrator.config.schema import Config, TrackingCfg
 from orchestrator.tracking.keys import (
     ADAPTER_DIR,
@@ -85,7 +90,13 @@ class Tracker:
         self.uri = tracking.uri
         # "Creating initial MLflow database tables..." on every new store: nothing to act on
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-        self.client = MlflowClient(tracking_uri=tracking.uri)
+        if not _is_local_store(tracking.uri):
+            # One request fails in seconds; PatientClient retries it (and says so) instead of
+            # MLflow's own silent backoff of minutes.
+            for name, value in SERVER_REQUEST_ENV.items():
+                os.environ.setdefault(name, value)
+        self._direct = MlflowClient(tracking_uri=tracking.uri)
+        self.client = PatientClient(self._direct, tracking.uri, tracking.lost_timeout_s)
         self.experiment_name = tracking.experiment
         self.experiment_id = self._experiment(tracking)
         self.parent_run_id: str | None = None
@@ -279,8 +290,15 @@ class Tracker:
 
     def abort(self, error: BaseException) -> None:
         """End every open run: KILLED on Ctrl-C, else FAILED, tagged with the driver's error."""
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        why = "interrupted" if status == "KILLED" else f"driver error: {type(error).__name__}: {error}"
+        if isinstance(error, KeyboardInterrupt):
+            status, why = "KILLED", "interrupted"
+        elif isinstance(error, SweepLost):
+            status, why = "KILLED", f"sweep lost: {error.reason}"
+        else:
+            status, why = "FAILED", f"driver error: {type(error).__name__}: {error}"
+        if isinstance(error, SweepLost) and error.key == "tracking.uri":
+            return  # the server is gone: resume=true ends or continues these runs later
+        self.client = self._direct  # one try each: the runs' status, not a wait, matters now
         try:
             self.flush(force=True)
         except Exception:
@@ -368,6 +386,80 @@ class Tracker:
     def _terminate(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
         self._open.discard(run_id)
+
+
+#: MLflow's own settings for a tracking server: a request that gets no answer fails after one
+#: quick retry and 30 s at most (PatientClient retries it).
+SERVER_REQUEST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                      "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+_UNANSWERED = re.compile(r"failed with exception|error code 50[234]|Connection refused|"
+                         r"Max retries exceeded|Read timed out|RemoteDisconnected", re.I)
+RETRY_DELAYS_S = (1, 2, 4, 8)  # between tries of one call, then every 8 s
+
+
+def unanswered(error: BaseException) -> bool:
+    """True when `error` says the tracking server did not answer (as opposed to refusing)."""
+    import requests
+
+    if isinstance(error, requests.exceptions.ConnectionError | requests.exceptions.Timeout |
+                  ConnectionError):
+        return True
+    return isinstance(error, MlflowException) and bool(_UNANSWERED.search(str(error)))
+
+
+class PatientClient:
+    """An MlflowClient whose every call, while the tracking server does not answer, is tried
+    again (and said so once on stderr) for up to `timeout_s` from the first failure; then
+    `SweepLost("tracking.uri")` (exit 3). A call is only ever retried whole: MLflow ignores a
+    metric point logged twice with the same step, time and value, and tags and params are set
+    to the same values. Meanwhile the workers go on training; their points wait in the queue.
+    """
+
+    def __init__(self, client: MlflowClient, uri: str, timeout_s: float):
+        self._client, self._uri, self._timeout = client, uri, timeout_s
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def patient(*args, **kwargs):
+            return self._call(attr, name, args, kwargs)
+
+        return patient
+
+    def _call(self, fn, name: str, args, kwargs):
+        since = None
+        tries = 0
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:
+                if not unanswered(e):
+                    raise
+                now = time.monotonic()
+                if since is None:
+                    since = now
+                    print(f"note: the tracking server {self._uri} does not answer "
+                          f"({type(e).__name__}); retrying for up to {self._timeout:g} s "
+                          "(tracking.lost_timeout_s); training goes on", file=sys.stderr,
+                          flush=True)
+                if now - since >= self._timeout:
+                    raise SweepLost("tracking.uri", (
+                        f"the tracking server {self._uri} did not answer for "
+                        f"{self._timeout:g} s (last: {name}: {' '.join(str(e).split())[:300]})"
+                    )) from e
+                time.sleep(min(RETRY_DELAYS_S[min(tries, len(RETRY_DELAYS_S) - 1)],
+                               max(0.0, self._timeout - (now - since))))
+                tries += 1
+                continue
+            if since is not None:
+                print(f"note: the tracking server {self._uri} answers again after "
+                      f"{time.monotonic() - since:.0f} s; nothing logged was lost",
+                      file=sys.stderr, flush=True)
+            return result
 
 
 def samples_file(step: int) -> str:

@@ -13,16 +13,23 @@ Three layers of tests, cheapest first:
 
 from __future__ import annotations
 
-import math
 import os
 import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from support.fault_sweeps import (
+    OVERRIDES,
+    SWEEP,
+    Cli,
+    Ledger,
+    checkpointed,
+    ledger_of,
+    matches_reference,
+    same_curve,
+    summary_of,
+)
 
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import (
@@ -43,15 +50,10 @@ from orchestrator.tracking.keys import (
     FAILURE_TAG,
     OOM_SPLITS_TAG,
     RESTARTS_TAG,
-    ROLE_TAG,
     TRAIN_LOSS,
     TRIAL_ID_TAG,
 )
 from orchestrator.tracking.tracker import Tracker
-
-REPO = Path(__file__).resolve().parents[3]
-REL = 1e-4
-
 
 # -- helpers --------------------------------------------------------------------------------------
 
@@ -72,39 +74,6 @@ def _config(root: Path, name: str, params: dict, *, max_adapters: int, num_worke
         seed=3,
         output_dir=str(root / "outputs"),
     )
-
-
-@dataclass
-class Ledger:
-    """What one tracking store holds about one sweep name: its parents and each trial's runs."""
-
-    parents: list  # mlflow Runs
-    runs: dict  # trial_id -> list of mlflow Runs
-    curves: dict  # trial_id -> {metric: [(step, value)]}, of the trial's last run
-
-
-def _ledger(uri: str, experiment: str = "qlora-sweeps") -> Ledger:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    parents, runs, curves = [], {}, {}
-    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]):
-        if run.data.tags.get(ROLE_TAG) == "sweep":
-            parents.append(run)
-        else:
-            runs.setdefault(run.data.tags[TRIAL_ID_TAG], []).append(run)
-    for tid, found in runs.items():
-        curves[tid] = {key: sorted((m.step, m.value) for m in
-                                   client.get_metric_history(found[-1].info.run_id, key))
-                       for key in (TRAIN_LOSS, EVAL_LOSS)}
-    return Ledger(parents, runs, curves)
-
-
-def _same_curve(mine: list, theirs: list, what: str) -> None:
-    assert [s for s, _ in mine] == [s for s, _ in theirs], what  # also: no step twice
-    for (_, a), (_, b) in zip(mine, theirs, strict=True):
-        assert math.isclose(a, b, rel_tol=REL), (what, mine, theirs)
 
 
 # -- what the driver decides (no Ray) --------------------------------------------------------------
@@ -236,7 +205,7 @@ def test_resume_continues_the_latest_unfinished_sweep_in_its_own_runs(tmp_path):
     again.end_trial(TrialResult(new_id, "finished", 3, 1.0, train_losses=[1.0, 1.0, 1.0]))
     again.end_sweep([])
 
-    ledger = _ledger(config.tracking.uri)
+    ledger = ledger_of(config.tracking.uri)
     assert len(ledger.parents) == 1 and ledger.parents[0].info.status == "FINISHED"
     assert ledger.parents[0].data.tags["qlora.resumes"] == "1"
     assert FAILURE_TAG not in ledger.parents[0].data.tags
@@ -278,7 +247,7 @@ def _sweep(root: Path, **kwargs) -> tuple[int, Ledger]:
 
     config = _config(root, "four", PACK_OF_FOUR, **kwargs)
     code = run_sweep(config)
-    return code, _ledger(config.tracking.uri)
+    return code, ledger_of(config.tracking.uri)
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +265,7 @@ def _split(ledger: Ledger):
 def _matches_alone(ledger: Ledger, alone: Ledger, good: dict) -> None:
     for tid in good:
         for key in (TRAIN_LOSS, EVAL_LOSS):
-            _same_curve(ledger.curves[tid][key], alone.curves[tid][key], (tid, key))
+            same_curve(ledger.curves[tid][key], alone.curves[tid][key], (tid, key))
 
 
 @pytest.mark.slow
@@ -331,136 +300,40 @@ def test_out_of_memory_splits_the_pack_and_every_trial_still_matches_alone(alone
 
 # -- the CLI as a user runs it: kill -9 and Ctrl-C ----------------------------------------------------
 
-SWEEP = "faults"
-OVERRIDES = ["sweep=single", f"sweep.name={SWEEP}",
-             "++sweep.params={lora.r: [4, 8], train.learning_rate: [1e-3, 2e-3]}",
-             "train.max_steps=30", "train.seq_len=64", "train.micro_batch_size=2",
-             "data.max_eval_examples=16", "train.eval_every=10", "train.checkpoint_every=5",
-             "seed=5"]
-STEPS = 30
-
-
-@pytest.fixture(scope="module")
-def reference(ray_session, tmp_path_factory) -> Ledger:
-    """The CLI's sweep run once without faults, here on the session's Ray."""
-    from orchestrator.config.compose import compose
-    from orchestrator.sweep import run_sweep
-
-    root = tmp_path_factory.mktemp("reference")
-    config = validate(compose([*OVERRIDES, f"tracking.uri=sqlite:///{root}/mlflow.db",
-                               f"tracking.artifact_location={root}/mlartifacts",
-                               f"output_dir={root}/outputs", "pack.max_adapters=2",
-                               "cluster.num_workers=2"]))
-    assert run_sweep(config) == 0
-    ledger = _ledger(config.tracking.uri)
-    assert len(ledger.runs) == 4
-    return ledger
-
-
-class Cli:
-    """`python -m orchestrator` in a folder of its own, with its own local Ray."""
-
-    def __init__(self, cwd: Path, *extra: str):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        self.cwd = cwd
-        self.log = open(cwd / f"cli-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *OVERRIDES, *extra],
-                                     cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.family: dict = {}  # pid -> psutil.Process of its Ray processes, seen while it ran
-
-    def wait_for(self, what, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not what():
-            assert self.proc.poll() is None, f"the sweep ended first:\n{self.output()}"
-            assert time.monotonic() < deadline, f"timed out:\n{self.output()}"
-            self._note_family()
-            time.sleep(0.1)
-        self._note_family()
-
-    def pack_workers(self) -> list:
-        import psutil
-
-        found = []
-        for child in psutil.Process(self.proc.pid).children(recursive=True):
-            try:
-                if child.cmdline()[0].startswith("ray::PackWorker"):
-                    found.append(child)
-            except (psutil.Error, IndexError):
-                pass
-        return found
-
-    def finish(self, timeout: float = 240.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.cleanup()
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()[-6000:]
-
-    def cleanup(self) -> None:
-        """End what this test started and left behind: the CLI and its Ray processes, by pid."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        import psutil
-
-        for process in self.family.values():
-            try:
-                process.kill()  # psutil checks that the pid was not reused meanwhile
-            except psutil.Error:
-                pass
-
-    def _note_family(self) -> None:
-        import psutil
-
-        try:
-            for child in psutil.Process(self.proc.pid).children(recursive=True):
-                self.family.setdefault(child.pid, child)
-        except psutil.Error:
-            pass
-
-
-def _checkpointed(cwd: Path):
-    return lambda: any((cwd / "outputs" / SWEEP / "checkpoints").glob("*/*/latest"))
-
-
-def _summary(cwd: Path) -> dict:
-    import json
-
-    return json.loads((cwd / "outputs" / SWEEP / "latest" / "summary.json").read_text())
-
-
-def _matches_reference(ledger: Ledger, reference: Ledger) -> None:
-    assert set(ledger.runs) == set(reference.runs)
-    for tid, runs in ledger.runs.items():
-        assert [r.info.status for r in runs] == ["FINISHED"], tid  # every trial once, finished
-        train = ledger.curves[tid][TRAIN_LOSS]
-        assert [s for s, _ in train] == list(range(1, STEPS + 1)), tid
-        for key in (TRAIN_LOSS, EVAL_LOSS):
-            _same_curve(ledger.curves[tid][key], reference.curves[tid][key], (tid, key))
-
-
 @pytest.mark.slow
-def test_kill_9_of_a_worker_mid_sweep_changes_no_number(reference, tmp_path):
-    cli = Cli(tmp_path, "pack.max_adapters=2", "cluster.num_workers=2")
-    try:
-        cli.wait_for(_checkpointed(tmp_path))  # both packs are past step 5 of 30
-        cli.wait_for(lambda: len(cli.pack_workers()) == 2)
-        cli.pack_workers()[0].kill()  # SIGKILL, as `kill -9`
-        assert cli.finish() == 0, cli.output()
-    finally:
-        cli.cleanup()
-    assert "worker lost" in cli.output()
-    ledger = _ledger(f"sqlite:///{tmp_path}/mlflow.db")
-    _matches_reference(ledger, reference)
+def test_kill_9_of_a_worker_while_the_tracking_server_is_down_changes_no_number(
+        reference, tmp_path):
+    """Two faults in one sweep: its `mlflow server` stops answering, a worker is killed with
+    `kill -9` meanwhile, and the server comes back: training went on, nothing logged was lost."""
+    from support.servers import MlflowServer
+
+    def newest_step() -> int:
+        found = (tmp_path / "outputs" / SWEEP / "checkpoints").glob("*/*/latest")
+        return max((int(p.read_text().split("-")[1]) for p in found), default=0)
+
+    with MlflowServer(tmp_path) as server:
+        cli = Cli(tmp_path, "pack.max_adapters=2", "cluster.num_workers=2",
+                  f"tracking.uri={server.url}")
+        try:
+            cli.wait_for(checkpointed(tmp_path))  # both packs are past step 5 of 30
+            cli.wait_for(lambda: len(cli.pack_workers()) == 2)
+            server.stop()
+            before = newest_step()
+            cli.pack_workers()[0].kill()  # SIGKILL, as `kill -9`
+            cli.wait_for(lambda: newest_step() > before)  # training goes on without the server
+            cli.wait_for(lambda: "does not answer" in cli.output(tail=None))
+            server.start()  # the same port and store
+            assert cli.finish() == 0, cli.output()
+        finally:
+            cli.cleanup()
+        ledger = ledger_of(server.url)
+    out = cli.output(tail=None)
+    assert "worker lost" in out and "answers again after" in out, out
+    matches_reference(ledger, reference)  # every point, once: none lost, none twice
     restarts = {tid: int(runs[0].data.tags.get(RESTARTS_TAG, 0))
                 for tid, runs in ledger.runs.items()}
     assert sorted(restarts.values()) == [0, 0, 1, 1]  # the killed worker's pack of two
-    rows = {r["trial_id"]: r for r in _summary(tmp_path)["trials"]}
+    rows = {r["trial_id"]: r for r in summary_of(tmp_path)["trials"]}
     assert {tid for tid, n in restarts.items() if n} == {
         tid for tid, r in rows.items() if r["pack_id"].endswith("-r1")}
 
@@ -473,7 +346,7 @@ def test_kill_9_of_the_driver_then_resume_runs_only_what_was_left(reference, tmp
     one_by_one = ("pack.max_adapters=1", "cluster.num_workers=1")
     cli = Cli(tmp_path, *one_by_one)
     try:
-        cli.wait_for(_checkpointed(tmp_path))  # by now the driver has set up the store
+        cli.wait_for(checkpointed(tmp_path))  # by now the driver has set up the store
         client = MlflowClient(uri)
 
         def finished() -> list:
@@ -491,19 +364,19 @@ def test_kill_9_of_the_driver_then_resume_runs_only_what_was_left(reference, tmp
         cli.cleanup()
     before = {r.data.tags[TRIAL_ID_TAG]: r for r in finished()}
     assert 1 <= len(before) < 4
-    killed = _ledger(uri)
+    killed = ledger_of(uri)
     assert [p.info.status for p in killed.parents] == ["RUNNING"]  # as the lost driver left it
 
     again = Cli(tmp_path, "pack.max_adapters=4", "cluster.num_workers=1", "resume=true")
     assert again.finish() == 0, again.output()
-    ledger = _ledger(uri)
+    ledger = ledger_of(uri)
     assert [p.info.run_id for p in ledger.parents] == [killed.parents[0].info.run_id]
     assert ledger.parents[0].info.status == "FINISHED"
-    _matches_reference(ledger, reference)
+    matches_reference(ledger, reference)
     for tid, run in before.items():  # not trained again: same run, same end, one point per step
         [now] = ledger.runs[tid]
         assert (now.info.run_id, now.info.end_time) == (run.info.run_id, run.info.end_time)
-    summary = _summary(tmp_path)
+    summary = summary_of(tmp_path)
     assert summary["resumed"] is True
     assert summary["trials_already_finished"] == len(before)
     assert summary["trials_dispatched"] == 4 - len(before)
@@ -514,7 +387,7 @@ def test_kill_9_of_the_driver_then_resume_runs_only_what_was_left(reference, tmp
 def test_ctrl_c_ends_the_runs_killed_and_prints_the_command_that_resumes(tmp_path):
     cli = Cli(tmp_path, "pack.max_adapters=4", "cluster.num_workers=1")
     try:
-        cli.wait_for(_checkpointed(tmp_path))
+        cli.wait_for(checkpointed(tmp_path))
         cli.proc.send_signal(signal.SIGINT)
         assert cli.finish(timeout=60) == 130, cli.output()
     finally:
@@ -525,7 +398,7 @@ def test_ctrl_c_ends_the_runs_killed_and_prints_the_command_that_resumes(tmp_pat
                         "resume=true"])
     assert command in out, out
     assert "Traceback" not in out, out
-    ledger = _ledger(f"sqlite:///{tmp_path}/mlflow.db")
+    ledger = ledger_of(f"sqlite:///{tmp_path}/mlflow.db")
     assert [p.info.status for p in ledger.parents] == ["KILLED"]
     assert {runs[0].info.status for runs in ledger.runs.values()} == {"KILLED"}
     assert all(runs[0].data.tags[FAILURE_TAG] == "interrupted" for runs in ledger.runs.values())

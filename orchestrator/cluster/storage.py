@@ -1,0 +1,128 @@
+"""`cluster.storage`: where a sweep's checkpoints (and a copy of each adapter) live.
+
+null keeps today's layout: checkpoints under `cluster.checkpoint_dir` (a folder every node
+shares) or `<output_dir>/<sweep>/checkpoints`. A folder puts them under `<folder>/checkpoints/`.
+A URI (`s3://bucket/prefix`, `gs://bucket/prefix`, anything fsspec serves) suits clusters with
+no shared disk (KubeRay, `ray up`): every worker reads and writes its trials' checkpoints there
+(`qlora.checkpoint`, from memory: nothing touches the node's disk), so a pack retried on another
+node continues where it was, and each trial's adapter is copied to `<storage>/adapters/` on its
+way to the tracker.
+
+Endpoint and credentials are never part of the config: they come from the usual environment
+variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`;
+`GOOGLE_APPLICATION_CREDENTIALS`) or the library's config files (~/.aws/), on the driver and on
+every node, so nothing secret is logged, printed or stored in MLflow. `check` (preflight) writes,
+reads and deletes one small object before any training, so a wrong bucket, endpoint or key is an
+`error: cluster.storage: ...` line (exit 2).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+from orchestrator.config.errors import ConfigError
+
+KEY = "cluster.storage"
+CREDENTIALS_HINT = {
+    "s3": "endpoint and credentials come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+          "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE and ~/.aws/)",
+    "gs": "credentials come from GOOGLE_APPLICATION_CREDENTIALS or gcloud's default login",
+    "gcs": "credentials come from GOOGLE_APPLICATION_CREDENTIALS or gcloud's default login",
+}
+#: A storage check must fail in seconds, not after botocore's minute of retries.
+PROBE_OPTIONS = {"s3": {"config_kwargs": {"connect_timeout": 5, "read_timeout": 10,
+                                          "retries": {"max_attempts": 1}}}}
+
+
+def is_uri(storage: str | None) -> bool:
+    return storage is not None and "://" in storage and not storage.startswith("file://")
+
+
+def rule_error(value: str) -> str | None:
+    """Why `value` cannot be a `cluster.storage` (None: it can). Checked by validate()."""
+    if not is_uri(value):
+        return None
+    parsed = urlparse(value)
+    if not parsed.scheme or not parsed.netloc:
+        return f"{value!r} is not SCHEME://BUCKET[/PREFIX]"
+    if "@" in parsed.netloc:
+        return ("credentials do not belong in the URI (they would be logged): give them in the "
+                "environment (AWS_ACCESS_KEY_ID, ...) or the library's config files")
+    return None
+
+
+def root(storage: str | None) -> str | None:
+    """The storage root as every worker should see it: a URI as given (no trailing /), a folder
+    made absolute (workers do not share the driver's cwd), or None (not set)."""
+    if storage is None:
+        return None
+    if is_uri(storage):
+        return storage.rstrip("/")
+    return str(Path(storage.removeprefix("file://")).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def check(storage: str | None) -> None:
+    """Preflight: the storage answers and takes a write from this process (`ConfigError`)."""
+    if storage is None:
+        return
+    if not is_uri(storage):
+        folder = Path(root(storage))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".qlora-probe-{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(KEY, f"cannot write to the folder {folder}: {e.strerror or e}") from e
+        return
+    scheme = urlparse(storage).scheme
+    hint = CREDENTIALS_HINT.get(scheme, "see the fsspec backend's documentation")
+    try:
+        from fsspec.core import url_to_fs
+
+        # A fresh client: fsspec's cached one would not see the environment as it is now.
+        fs, path = url_to_fs(storage, skip_instance_cache=True, **PROBE_OPTIONS.get(scheme, {}))
+    except ImportError as e:
+        raise ConfigError(KEY, f"{scheme}:// needs a library that is not installed: {e}") from e
+    except ValueError as e:  # fsspec: "Protocol not known"
+        raise ConfigError(KEY, f"{storage}: {e}; a local folder or a URI fsspec serves "
+                               "(s3://, gs://, ...)") from e
+    probe = f"{path.rstrip('/')}/.qlora-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.pipe_file(probe, b"ok")
+        if fs.cat_file(probe) != b"ok":
+            raise OSError("an object written could not be read back")
+        fs.rm(probe)
+    except Exception as e:  # the backends raise their own (botocore, aiohttp, OSError)
+        raise ConfigError(KEY, f"cannot write to {storage}: {_why(e)}; {hint}") from e
+
+
+def copy_adapter(folder: Path, storage: str, parent_run_id: str, trial_folder: str) -> str:
+    """Copy a trial's adapter folder to `<storage>/adapters/<parent run id>/<trial>/adapter`."""
+    target = join(storage, "adapters", parent_run_id, trial_folder, "adapter")
+    if is_uri(storage):
+        from fsspec.core import url_to_fs
+
+        fs, path = url_to_fs(target)
+        for file in sorted(folder.iterdir()):
+            if file.is_file():
+                fs.pipe_file(f"{path}/{file.name}", file.read_bytes())
+    else:
+        import shutil
+
+        os.makedirs(target, exist_ok=True)
+        shutil.copytree(folder, target, dirs_exist_ok=True)
+    return target
+
+
+def _why(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    name = type(error).__name__
+    return text if text.startswith(name) else f"{name}: {text}"

@@ -1,0 +1,135 @@
+"""Real clusters on this machine: `ray start` processes joined with `cluster.address=HOST:PORT`.
+
+Each test starts its own head (and node) in process groups of their own (support.ray_cluster),
+runs the fault tests' CLI sweep on it and compares every number with that sweep run once
+without faults (`reference`): a node killed mid-sweep, and a cluster that dies altogether.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from support.fault_sweeps import Cli, checkpointed, ledger_of, matches_reference, summary_of
+from support.ray_cluster import Cluster
+from support.servers import MlflowServer, MotoS3
+
+from orchestrator.tracking.keys import FAILURE_TAG, NODE_TAG, RESTARTS_TAG
+
+WAITING_ONE = "for 1 of 2 worker(s) to be placed, each asking 1 CPU (the cluster had 1 CPU"
+STARTED = re.compile(r"^(pack\S+) started on node (\w+) ", re.M)
+
+
+def _ray_env(cluster: Cluster) -> dict:
+    return {k: v for k, v in cluster.env.items() if k.startswith("RAY_")}
+
+
+def _all_checkpointed(cwd, n: int = 4):
+    return lambda: len(list((cwd / "outputs" / "faults" / "checkpoints").glob("*/*/latest"))) >= n
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_sweep_sends_its_pack_to_the_head_and_no_number_changes(
+        reference, tmp_path):
+    """The whole path a cluster user takes: `ray start` head and node, an `mlflow server` with
+    proxied artifacts, checkpoints in an S3 bucket (moto's server); the node is killed mid-sweep."""
+    from mlflow import MlflowClient
+
+    with MotoS3(tmp_path) as s3, MlflowServer(tmp_path) as server, \
+            Cluster(tmp_path, nodes=1, env=s3.env) as cluster:  # each node has the bucket's keys
+        bucket = s3.fs()
+        bucket.mkdir("sweeps")
+        [node] = cluster.nodes
+        cli = Cli(tmp_path, "pack.max_adapters=2", "cluster.num_workers=2",
+                  f"cluster.address={cluster.address}", f"tracking.uri={server.url}",
+                  "cluster.storage=s3://sweeps/team", env={**_ray_env(cluster), **s3.env})
+        try:
+            cli.wait_for(lambda: node.pack_workers() and cluster.head.pack_workers())
+            # Both packs are past step 5 of 30: every trial has a checkpoint, in the bucket.
+            cli.wait_for(lambda: len(bucket.glob("sweeps/team/checkpoints/*/*/latest")) == 4)
+            checkpoint_files = bucket.glob("sweeps/team/checkpoints/**/*.safetensors")
+            node.kill()  # kill -9 of its raylet, agents and workers
+            assert cli.finish(timeout=300) == 0, cli.output()
+            local = [p for where in (tmp_path, Path(cluster.temp_dir))
+                     for p in where.rglob("optimizer.safetensors")]
+        finally:
+            cli.cleanup()
+        ledger = ledger_of(server.url)
+        client = MlflowClient(server.url)
+        adapters = {tid: [f.path for f in client.list_artifacts(runs[0].info.run_id, "adapter")]
+                    for tid, runs in ledger.runs.items()}
+        stored = bucket.glob("sweeps/team/adapters/*/*/adapter/adapter_model.safetensors")
+        left = bucket.glob("sweeps/team/checkpoints/**")
+    out = cli.output(tail=None)
+    started = dict(STARTED.findall(out))
+    assert len(set(started.values())) == 2, out  # packs placed on both nodes
+    assert "worker lost" in out
+    matches_reference(ledger, reference)  # every trial FINISHED once, the uninterrupted numbers
+    restarts = {tid: int(runs[0].data.tags.get(RESTARTS_TAG, 0))
+                for tid, runs in ledger.runs.items()}
+    assert sorted(restarts.values()) == [0, 0, 1, 1]  # the lost node's pack of two
+    rows = {r["trial_id"]: r for r in summary_of(tmp_path)["trials"]}
+    retried = {tid for tid, r in rows.items() if r["pack_id"].endswith("-r1")}
+    assert retried == {tid for tid, n in restarts.items() if n}
+    # The retried pack ran on the node that was left: the head, where the other pack ran.
+    [head_pack] = [p for p in started if p.endswith("-r1")] or [out]
+    assert {runs[0].data.tags[NODE_TAG][:8] for runs in ledger.runs.values()} == {
+        started[head_pack]}
+    # Adapters on the server (uploaded through it, stored where it keeps artifacts) and in the
+    # bucket; checkpoints only ever in the bucket, removed there once the sweep finished.
+    assert all("adapter/adapter_model.safetensors" in files for files in adapters.values())
+    assert len(list(server.artifacts.rglob("adapter_model.safetensors"))) == 4
+    assert len(stored) == 4 and {r["adapter_storage"] for r in rows.values()} == {
+        f"s3://{p.rsplit('/', 1)[0]}" for p in stored}
+    assert len(checkpoint_files) >= 8 and local == [] and left == []
+    secret = s3.env["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in out
+    for runs in [ledger.parents, *ledger.runs.values()]:
+        for run in runs:
+            assert secret not in str(run.data.params) + str(run.data.tags)
+
+
+@pytest.mark.slow
+def test_a_cluster_that_dies_stops_the_sweep_with_exit_3_and_resume_finishes_it(
+        reference, tmp_path):
+    lost_timeout = 10
+    # A head with one CPU for two workers: one is placed, the other waits and the console says so.
+    with Cluster(tmp_path, nodes=0) as cluster:
+        cli = Cli(tmp_path, "pack.max_adapters=2", "cluster.num_workers=2",
+                  f"cluster.address={cluster.address}",
+                  f"cluster.lost_timeout_s={lost_timeout}", env=_ray_env(cluster))
+        try:
+            cli.wait_for(checkpointed(tmp_path))
+            cli.wait_for(lambda: WAITING_ONE in cli.output(tail=None), timeout=120)
+            cluster.close()  # the whole cluster: head, its raylet, GCS and workers
+            gone = time.monotonic()
+            code = cli.finish(timeout=lost_timeout + 120)
+            took = time.monotonic() - gone
+        finally:
+            cli.cleanup()
+    out = cli.output(tail=None)
+    assert code == 3, out
+    assert took < lost_timeout + 60, (took, out)
+    assert re.search(r"^waiting since \d\d:\d\d:\d\d \(\d+ s\) " + re.escape(WAITING_ONE), out, re.M)
+    assert "error: cluster.lost_timeout_s: no node could host a worker for 10 s" in out, out
+    assert "Traceback" not in out, out
+    resume = re.search(r"^  (python -m orchestrator .* resume=true)$", out, re.M)
+    assert resume and f"cluster.address={cluster.address}" in resume.group(1), out
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    lost = ledger_of(uri)
+    assert [p.info.status for p in lost.parents] == ["KILLED"]
+    statuses = {runs[0].info.status for runs in lost.runs.values()}
+    assert "RUNNING" not in statuses and "KILLED" in statuses, statuses
+    killed = [runs[0] for runs in lost.runs.values() if runs[0].info.status == "KILLED"]
+    assert all(r.data.tags[FAILURE_TAG].startswith("sweep lost: no node could host")
+               for r in killed)
+
+    # The user's command, on a Ray of this machine instead of the dead cluster.
+    again = Cli(tmp_path, "pack.max_adapters=2", "cluster.num_workers=2", "cluster.address=local",
+                "resume=true")
+    assert again.finish() == 0, again.output()
+    ledger = ledger_of(uri)
+    assert [p.info.status for p in ledger.parents] == ["FINISHED"]
+    matches_reference(ledger, reference)
