@@ -2,7 +2,7 @@
 
 Each file is parsed; the `python -m orchestrator ...` command it runs is composed and validated
 with the project's own config (a renamed or removed key fails here), and the pieces it names
-agree with each other (the MLflow service's port, the checkpoint volume's mount).
+agree with each other (the MLflow service's port, the bucket, the credentials every pod gets).
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ def test_ray_up_cluster_and_its_job_command():
     assert submit, "no `ray job submit ... -- python -m orchestrator ...` in the comment"
     cfg = _config(submit.group(1))
     assert cfg.cluster.address == "auto" and cfg.tracking.uri.startswith("http://")
-    assert cfg.cluster.checkpoint_dir.startswith("/mnt/shared")
+    assert cfg.cluster.storage.startswith("s3://") and cfg.cluster.checkpoint_dir is None
+    assert "qlora-orchestrator[s3]" in " ".join(spec["setup_commands"])  # s3fs on every node
+    for node in spec["available_node_types"].values():  # every node may write to the bucket
+        assert node["node_config"]["IamInstanceProfile"]["Name"]
 
 
 def test_kuberay_rayjob_with_an_mlflow_server():
@@ -56,9 +59,12 @@ def test_kuberay_rayjob_with_an_mlflow_server():
     cluster = job["spec"]["rayClusterSpec"]
     pods = [cluster["headGroupSpec"]["template"]["spec"],
             *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]
-    for pod in pods:  # every Ray pod sees the checkpoints where the sweep writes them
-        mounts = {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
-        assert cfg.cluster.checkpoint_dir in mounts
+    bucket = server[server.index("--artifacts-destination") + 1].split("/")[2]
+    assert cfg.cluster.storage.startswith(f"s3://{bucket}/")
+    secret = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    for pod in pods:  # every Ray pod reads and writes the checkpoints with the server's keys
+        for container in pod["containers"]:
+            assert container["envFrom"] == secret
     gpus = [c["resources"]["limits"]["nvidia.com/gpu"] for g in cluster["workerGroupSpecs"]
             for c in g["template"]["spec"]["containers"]]
     assert all(n >= 1 for n in gpus)

@@ -30,16 +30,16 @@ class Server:
 
     def start(self, timeout: float = 90.0) -> None:
         log = open(self.log_path, "a")  # noqa: SIM115
-        self.proc = subprocess.Popen(self._argv, stdout=log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(self._env or {})},
-                                     start_new_session=True)
+        self.proc = proc = subprocess.Popen(self._argv, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **(self._env or {})},
+                                            start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(self.url + self._ready, timeout=2):
                     return
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"{self._argv[0]} did not start:\n"
                                    f"{self.log_path.read_text()[-3000:]}")
