@@ -41,8 +41,14 @@ def is_uri(storage: str | None) -> bool:
     return storage is not None and "://" in storage and not storage.startswith("file://")
 
 
-def rule_error(value: str) -> str | None:
-    """Why `value` cannot be a `cluster.storage` (None: it can). Checked by validate()."""
+def config_error(value: str | None, checkpoint_dir: str | None) -> str | None:
+    """Why `value` cannot be a `cluster.storage` beside this `cluster.checkpoint_dir` (None: it
+    can). Checked by validate()."""
+    if value is None:
+        return None
+    if checkpoint_dir is not None:
+        return ("exclusive with cluster.checkpoint_dir: give one (cluster.storage puts "
+                "checkpoints under <storage>/checkpoints)")
     if not is_uri(value):
         return None
     parsed = urlparse(value)

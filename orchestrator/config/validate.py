@@ -1,9 +1,8 @@
 """The edge: a composed config (Hydra's DictConfig or a plain dict) in, a typed `Config` out.
 
 Every key is checked once, here: unknown keys (with the nearest known ones), types, ranges and
-allowed values, and a sweep's per-trial values against the same rules as the keys they vary.
-Anything wrong raises `ConfigError(key, message)`, read as `<key>: must be <allowed>, got <value>`.
-Keys missing from the input take the schema's defaults, so `validate({})` is `Config()`.
+allowed values, and a sweep's per-trial values against the same rules as the keys they vary;
+missing keys take the schema's defaults. Anything wrong raises `ConfigError(key, message)`.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from orchestrator.cluster.storage import config_error as storage_error
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.rules import (
     BASE_ONLY_TRAIN_KEYS,
@@ -43,7 +43,8 @@ def validate(cfg: Any) -> Config:
     config.sweep.params = sweep_params(config.sweep)
     _check_exclusive_sweep(config)
     _check_eval(config)
-    _check_storage(config)
+    if why := storage_error(config.cluster.storage, config.cluster.checkpoint_dir):
+        raise ConfigError("cluster.storage", why)
     if config.sweep.strategy in DRAWING and config.sweep.num_trials is None:
         raise ConfigError("sweep.num_trials", f"must be an integer >= 1 for strategy "
                                               f"{config.sweep.strategy}, got null")
@@ -284,21 +285,6 @@ def _check_eval(config: Config) -> None:
     if config.sweep.objective != "eval_loss" and config.eval.num_samples == 0:
         raise ConfigError("sweep.objective", f"{config.sweep.objective} needs generated answers; "
                                              "set eval.num_samples >= 1, or use eval_loss")
-
-
-def _check_storage(config: Config) -> None:
-    from orchestrator.cluster import storage
-
-    value = config.cluster.storage
-    if value is None:
-        return
-    if config.cluster.checkpoint_dir is not None:
-        raise ConfigError("cluster.storage", "exclusive with cluster.checkpoint_dir: give one "
-                                             "(cluster.storage puts checkpoints under "
-                                             "<storage>/checkpoints)")
-    why = storage.rule_error(value)
-    if why:
-        raise ConfigError("cluster.storage", why)
 
 
 def _check_tracking_uri(uri: str) -> None:

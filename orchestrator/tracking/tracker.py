@@ -30,9 +30,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
-import re
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,6 +71,7 @@ from orchestrator.tracking.keys import (
     sweep_params,
     trial_params,
 )
+from orchestrator.tracking.patient import PatientClient
 from qlora.config import TrialStatus
 from qlora.metrics import SAMPLES
 
@@ -90,13 +88,9 @@ class Tracker:
         self.uri = tracking.uri
         # "Creating initial MLflow database tables..." on every new store: nothing to act on
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-        if not _is_local_store(tracking.uri):
-            # One request fails in seconds; PatientClient retries it (and says so) instead of
-            # MLflow's own silent backoff of minutes.
-            for name, value in SERVER_REQUEST_ENV.items():
-                os.environ.setdefault(name, value)
         self._direct = MlflowClient(tracking_uri=tracking.uri)
-        self.client = PatientClient(self._direct, tracking.uri, tracking.lost_timeout_s)
+        self.client = PatientClient(self._direct, tracking.uri, tracking.lost_timeout_s,
+                                    server=not _is_local_store(tracking.uri))
         self.experiment_name = tracking.experiment
         self.experiment_id = self._experiment(tracking)
         self.parent_run_id: str | None = None
@@ -386,80 +380,6 @@ class Tracker:
     def _terminate(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
         self._open.discard(run_id)
-
-
-#: MLflow's own settings for a tracking server: a request that gets no answer fails after one
-#: quick retry and 30 s at most (PatientClient retries it).
-SERVER_REQUEST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-                      "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-_UNANSWERED = re.compile(r"failed with exception|error code 50[234]|Connection refused|"
-                         r"Max retries exceeded|Read timed out|RemoteDisconnected", re.I)
-RETRY_DELAYS_S = (1, 2, 4, 8)  # between tries of one call, then every 8 s
-
-
-def unanswered(error: BaseException) -> bool:
-    """True when `error` says the tracking server did not answer (as opposed to refusing)."""
-    import requests
-
-    if isinstance(error, requests.exceptions.ConnectionError | requests.exceptions.Timeout |
-                  ConnectionError):
-        return True
-    return isinstance(error, MlflowException) and bool(_UNANSWERED.search(str(error)))
-
-
-class PatientClient:
-    """An MlflowClient whose every call, while the tracking server does not answer, is tried
-    again (and said so once on stderr) for up to `timeout_s` from the first failure; then
-    `SweepLost("tracking.uri")` (exit 3). A call is only ever retried whole: MLflow ignores a
-    metric point logged twice with the same step, time and value, and tags and params are set
-    to the same values. Meanwhile the workers go on training; their points wait in the queue.
-    """
-
-    def __init__(self, client: MlflowClient, uri: str, timeout_s: float):
-        self._client, self._uri, self._timeout = client, uri, timeout_s
-
-    def __getattr__(self, name: str):
-        attr = getattr(self._client, name)
-        if not callable(attr):
-            return attr
-
-        @functools.wraps(attr)
-        def patient(*args, **kwargs):
-            return self._call(attr, name, args, kwargs)
-
-        return patient
-
-    def _call(self, fn, name: str, args, kwargs):
-        since = None
-        tries = 0
-        while True:
-            try:
-                result = fn(*args, **kwargs)
-            except Exception as e:
-                if not unanswered(e):
-                    raise
-                now = time.monotonic()
-                if since is None:
-                    since = now
-                    print(f"note: the tracking server {self._uri} does not answer "
-                          f"({type(e).__name__}); retrying for up to {self._timeout:g} s "
-                          "(tracking.lost_timeout_s); training goes on", file=sys.stderr,
-                          flush=True)
-                if now - since >= self._timeout:
-                    raise SweepLost("tracking.uri", (
-                        f"the tracking server {self._uri} did not answer for "
-                        f"{self._timeout:g} s (last: {name}: {' '.join(str(e).split())[:300]})"
-                    )) from e
-                time.sleep(min(RETRY_DELAYS_S[min(tries, len(RETRY_DELAYS_S) - 1)],
-                               max(0.0, self._timeout - (now - since))))
-                tries += 1
-                continue
-            if since is not None:
-                print(f"note: the tracking server {self._uri} answers again after "
-                      f"{time.monotonic() - since:.0f} s; nothing logged was lost",
-                      file=sys.stderr, flush=True)
-            return result
 
 
 def samples_file(step: int) -> str:

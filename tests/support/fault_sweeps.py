@@ -47,16 +47,18 @@ def ledger_of(uri: str, experiment: str = "qlora-sweeps") -> Ledger:
 def same_curve(mine: list, theirs: list, what: str) -> None:
     assert [s for s, _ in mine] == [s for s, _ in theirs], what  # also: no step twice
     for (_, a), (_, b) in zip(mine, theirs, strict=True):
-        assert math.isclose(a, b, rel_tol=REL), (what, mine, theirs)
+        # Within 1e-4 both ways: relative, and absolute (losses here are 3 to 6).
+        assert math.isclose(a, b, rel_tol=REL, abs_tol=0) and abs(a - b) <= REL, (
+            what, mine, theirs)
 
 
 SWEEP = "faults"
 OVERRIDES = ["sweep=single", f"sweep.name={SWEEP}",
              "++sweep.params={lora.r: [4, 8], train.learning_rate: [1e-3, 2e-3]}",
-             "train.max_steps=30", "train.seq_len=64", "train.micro_batch_size=2",
+             "train.max_steps=20", "train.seq_len=64", "train.micro_batch_size=2",
              "data.max_eval_examples=16", "train.eval_every=10", "train.checkpoint_every=5",
-             "seed=5"]
-STEPS = 30
+             "seed=5", "eval.num_samples=2"]
+STEPS = 20
 
 
 class Cli:
