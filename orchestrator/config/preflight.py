@@ -2,8 +2,9 @@
 
 A sweep should fail in seconds, in one line, when a file is missing or a server is down, not
 after Ray has started and the first worker has loaded a model. Each check raises `ConfigError`
-naming the key whose value points at the problem; none of them creates a file, a run or a
-cluster, and none imports Ray, MLflow or torch.
+naming the key whose value points at the problem; none of them creates a run or a cluster, the
+only file one writes is `cluster.storage`'s probe (deleted at once), and none imports Ray, MLflow
+or torch.
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ README.md, "What you get"). `trial_params` is a trial's config as MLflow params.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 from orchestrator.config.schema import Config
 
@@ -121,3 +123,19 @@ def _param_value(value) -> str:
 def _truncate(text: str) -> str:
     return text if len(text) <= MAX_TAG_CHARS else text[: MAX_TAG_CHARS - 3] + "..."
 
+
+def samples_file(step: int) -> str:
+    """The artifact path of a trial's samples table at `step`."""
+    return f"{SAMPLES_DIR}/step_{int(step):06d}.json"
+
+
+def is_local_store(uri: str) -> bool:
+    return urlparse(uri).scheme in ("", "file", "sqlite")
+
+
+@functools.cache
+def base_tags(name_or_path: str) -> dict[str, str]:
+    """The GGUF file a base was converted from and its sha256 (hashed once per sweep), if any."""
+    from qlora.models import gguf_lineage
+
+    return {BASE_TAG_PREFIX + k: v for k, v in gguf_lineage(name_or_path).items()}

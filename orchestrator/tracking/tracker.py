@@ -33,7 +33,6 @@ import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -43,7 +42,6 @@ from orchestrator.config.errors import SweepLost
 from orchestrator.config.schema import Config, TrackingCfg
 from orchestrator.tracking.keys import (
     ADAPTER_DIR,
-    BASE_TAG_PREFIX,
     BATCH_METRICS,
     BATCH_PARAMS,
     DATA_TAG_PREFIX,
@@ -61,13 +59,15 @@ from orchestrator.tracking.keys import (
     RUN_NAME_TAG,
     RUNS_VIEW_COLUMNS,
     RUNS_VIEW_TAG,
-    SAMPLES_DIR,
     STATUS_TAG,
     STEPS_TAG,
     TRAIN_LOSS,
     TRIAL_ID_TAG,
     TRIAL_SEED_TAG,
     _truncate,
+    base_tags,
+    is_local_store,
+    samples_file,
     sweep_params,
     trial_params,
 )
@@ -90,7 +90,7 @@ class Tracker:
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self._direct = MlflowClient(tracking_uri=tracking.uri)
         self.client = PatientClient(self._direct, tracking.uri, tracking.lost_timeout_s,
-                                    server=not _is_local_store(tracking.uri))
+                                    server=not is_local_store(tracking.uri))
         self.experiment_name = tracking.experiment
         self.experiment_id = self._experiment(tracking)
         self.parent_run_id: str | None = None
@@ -185,7 +185,8 @@ class Tracker:
         """Add one to a trial's counter tag (`RESTARTS_TAG`, `OOM_SPLITS_TAG`), shown at once."""
         value = self._counts.get((trial_id, tag), 0) + 1
         self._counts[(trial_id, tag)] = value
-        self._set_tags(self.run_ids[trial_id], {tag: str(value)})
+        self.client.later(functools.partial(self._set_tags, self.run_ids[trial_id],
+                                            {tag: str(value)}))
         return value
 
     def counts(self, trial_id: str) -> dict[str, int]:
@@ -211,7 +212,7 @@ class Tracker:
             if (trial_id, key, int(step)) in self._logged:
                 continue
             if key == SAMPLES:
-                self.log_samples(trial_id, step, value)
+                self.client.later(functools.partial(self.log_samples, trial_id, step, value))
                 continue
             buf.append(Metric(key=key, value=float(value), timestamp=ms, step=int(step)))
             self._logged.add((trial_id, key, int(step)))
@@ -228,22 +229,33 @@ class Tracker:
         self._logged.add((trial_id, SAMPLES, int(step)))
 
     def flush(self, force: bool = False) -> None:
-        """Send buffered metrics, at most once per `FLUSH_INTERVAL_S` unless `force`."""
+        """Send buffered metrics, at most once per `FLUSH_INTERVAL_S` unless `force` (kept, with
+        the other writes, while a tracking server does not answer: `PatientClient.later`)."""
         now = time.monotonic()
         if not force and now - self._last_flush < FLUSH_INTERVAL_S:
             return
         self._last_flush = now
-        buffer, self._buffer = self._buffer, {}
-        for run_id, metrics in buffer.items():
-            for i in range(0, len(metrics), BATCH_METRICS):
-                self.client.log_batch(run_id, metrics=metrics[i:i + BATCH_METRICS])
+        self.client.later(self._send_buffer, key="metrics")
+
+    def _send_buffer(self) -> None:
+        """A batch leaves the buffer only once the store took it."""
+        for run_id, metrics in self._buffer.items():
+            while metrics:
+                self.client.log_batch(run_id, metrics=metrics[:BATCH_METRICS])
+                del metrics[:BATCH_METRICS]
+        self._buffer = {}
 
     def end_trial(self, result: TrialResult, adapter_dir: Path | None = None,
                   tags: dict[str, str] | None = None) -> None:
         """Log what the stream missed, the adapter folder (if any), then end the child run.
 
         Points the stream delivered are not logged twice; the final eval_loss is always present.
+        While a tracking server does not answer, this is kept and done when it does.
         """
+        self.client.later(functools.partial(self._end_trial, result, adapter_dir, tags))
+
+    def _end_trial(self, result: TrialResult, adapter_dir: Path | None,
+                   tags: dict[str, str] | None) -> None:
         trial_id, run_id = result.trial_id, self.run_ids[result.trial_id]
         for step, loss in enumerate(result.train_losses, 1):
             self.log_metrics(trial_id, step, {TRAIN_LOSS: loss})
@@ -256,7 +268,7 @@ class Tracker:
         if final:  # the last evaluation's scores (and samples), should the stream have missed them
             self.log_metrics(trial_id, result.steps, final)
         self.log_samples(trial_id, result.steps, list(result.samples or []))
-        self.flush(force=True)
+        self._send_buffer()
         if adapter_dir is not None:
             self.client.log_artifacts(run_id, str(adapter_dir), ADAPTER_DIR)
         run_tags = {STATUS_TAG: result.status, STEPS_TAG: result.steps, **(tags or {})}
@@ -270,6 +282,7 @@ class Tracker:
     def end_sweep(self, failed: list[str]) -> None:
         """End every child left open as FAILED, then the parent (FAILED if any trial failed)."""
         self.flush(force=True)
+        self.client.catch_up(wait=True)  # the trials' ends first
         for trial_id, run_id in self.run_ids.items():
             if run_id in self._open:
                 failed = [*failed, trial_id]
@@ -292,9 +305,13 @@ class Tracker:
             status, why = "FAILED", f"driver error: {type(error).__name__}: {error}"
         if isinstance(error, SweepLost) and error.key == "tracking.uri":
             return  # the server is gone: resume=true ends or continues these runs later
+        try:
+            self.client.catch_up()  # what was kept, if the server answers
+        except Exception:
+            pass
         self.client = self._direct  # one try each: the runs' status, not a wait, matters now
         try:
-            self.flush(force=True)
+            self._send_buffer()
         except Exception:
             pass  # the runs' status matters more than their last second of metrics
         for run_id in [*self._open]:
@@ -317,7 +334,7 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, tags={
             PARENT_TAG: self.parent_run_id, ROLE_TAG: ROLE_TRIAL,
             TRIAL_ID_TAG: trial.trial_id, TRIAL_SEED_TAG: str(trial.spec.seed),
-            RUN_NAME_TAG: trial.name, **_base_tags(trial.config.model.name_or_path),
+            RUN_NAME_TAG: trial.name, **base_tags(trial.config.model.name_or_path),
         })
         run_id = run.info.run_id
         self.run_ids[trial.trial_id] = run_id
@@ -353,7 +370,7 @@ class Tracker:
                 self.client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
         location = None
-        if _is_local_store(tracking.uri):
+        if is_local_store(tracking.uri):
             # Without this a SQLite store puts artifacts under ./mlruns, wherever the UI expects.
             location = Path(tracking.artifact_location).resolve().as_uri()
         try:
@@ -380,20 +397,3 @@ class Tracker:
     def _terminate(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
         self._open.discard(run_id)
-
-
-def samples_file(step: int) -> str:
-    """The artifact path of a trial's samples table at `step`."""
-    return f"{SAMPLES_DIR}/step_{int(step):06d}.json"
-
-
-def _is_local_store(uri: str) -> bool:
-    return urlparse(uri).scheme in ("", "file", "sqlite")
-
-
-@functools.cache
-def _base_tags(name_or_path: str) -> dict[str, str]:
-    """The GGUF file a base was converted from and its sha256 (hashed once per sweep), if any."""
-    from qlora.models import gguf_lineage
-
-    return {BASE_TAG_PREFIX + k: v for k, v in gguf_lineage(name_or_path).items()}

@@ -55,10 +55,10 @@ def same_curve(mine: list, theirs: list, what: str) -> None:
 SWEEP = "faults"
 OVERRIDES = ["sweep=single", f"sweep.name={SWEEP}",
              "++sweep.params={lora.r: [4, 8], train.learning_rate: [1e-3, 2e-3]}",
-             "train.max_steps=20", "train.seq_len=64", "train.micro_batch_size=2",
-             "data.max_eval_examples=16", "train.eval_every=10", "train.checkpoint_every=5",
+             "train.max_steps=16", "train.seq_len=64", "train.micro_batch_size=2",
+             "data.max_eval_examples=16", "train.eval_every=8", "train.checkpoint_every=4",
              "seed=5", "eval.num_samples=2"]
-STEPS = 20
+STEPS = 16
 
 
 class Cli:

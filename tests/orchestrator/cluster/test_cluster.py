@@ -13,7 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from support.fault_sweeps import Cli, checkpointed, ledger_of, matches_reference, summary_of
+from support.fault_sweeps import (
+    STEPS,
+    Cli,
+    checkpointed,
+    ledger_of,
+    matches_reference,
+    summary_of,
+)
 from support.ray_cluster import Cluster
 from support.servers import MlflowServer, MotoS3
 
@@ -25,6 +32,17 @@ STARTED = re.compile(r"^(pack\S+) started on node (\w+) ", re.M)
 
 def _ray_env(cluster: Cluster) -> dict:
     return {k: v for k, v in cluster.env.items() if k.startswith("RAY_")}
+
+
+def _live(client) -> bool:
+    """A trial still RUNNING has part of its train_loss curve in the store."""
+    try:
+        [exp] = [e.experiment_id for e in client.search_experiments() if e.name == "qlora-sweeps"]
+        runs = client.search_runs([exp], "attributes.status = 'RUNNING' and tags.`qlora.role` = 'trial'")
+    except ValueError:  # not created yet
+        return False
+    return any(0 < len(client.get_metric_history(r.info.run_id, "train_loss")) < STEPS
+               for r in runs)
 
 
 def _newest_step(bucket) -> int:
@@ -52,8 +70,10 @@ def test_a_node_killed_while_the_server_is_down_changes_no_number(reference, tmp
                   env={**_ray_env(cluster), **s3.env})
         try:
             cli.wait_for(lambda: node.pack_workers() and cluster.head.pack_workers())
-            # Both packs are past step 5 of 20: every trial has a checkpoint, in the bucket.
-            cli.wait_for(lambda: len(bucket.glob("sweeps/team/checkpoints/*/*/latest")) == 4)
+            # Both packs are past step 4 of 16: every trial has a checkpoint, in the bucket...
+            # ...and the UI's live curves: a RUNNING trial's first points are on the server.
+            cli.wait_for(lambda: len(bucket.glob("sweeps/team/checkpoints/*/*/latest")) == 4
+                         and _live(MlflowClient(server.url)))
             checkpoint_files = bucket.glob("sweeps/team/checkpoints/**/*.safetensors")
             server.stop()
             before = _newest_step(bucket)

@@ -17,8 +17,7 @@ import pytest
 from support import tiny_sweeps
 
 from orchestrator.config.schema import DataCfg, EvalCfg, LoraCfg, SweepDef, TrainCfg
-from orchestrator.tracking.keys import CHAMPION_ALIAS, NOTE_TAG
-from orchestrator.tracking.tracker import samples_file
+from orchestrator.tracking.keys import CHAMPION_ALIAS, NOTE_TAG, samples_file
 
 USER = "tests.support.user_metric:shared_chars"  # importable from the repository root, as Ray's workers see it
 
