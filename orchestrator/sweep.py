@@ -142,7 +142,7 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
                     run_dir = open_run_dir(out_dir, tracker)
                     rows = _run(packs, workers, trials, tracker, console, run_dir,
                                 search=search, checkpoint_dir=checkpoints,
-                                storage=storage.root(config.cluster.storage),
+                                storage_root=storage.root(config.cluster.storage),
                                 checkpoint_every=config.train.checkpoint_every,
                                 max_retries=config.cluster.max_retries,
                                 lost_timeout_s=config.cluster.lost_timeout_s)
@@ -162,8 +162,10 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
               file=sys.stderr, flush=True)
         return INTERRUPTED
     except SweepLost as e:
-        print(f"error: {e.key}: {e.reason}\nthe sweep stopped: runs marked KILLED; finished "
-              f"trials are kept and the others continue from their last checkpoints with:\n"
+        runs = ("its runs stay RUNNING on that server" if e.key == "tracking.uri"
+                else "runs marked KILLED")
+        print(f"error: {e.key}: {e.reason}\nthe sweep stopped: {runs}; finished trials are kept "
+              f"and the others continue from their last checkpoints with:\n"
               f"  {_resume_command(config)}", file=sys.stderr, flush=True)
         return LOST
     console.summary(config.sweep.name, rows, adapters_dir=str(run_dir),
@@ -292,13 +294,13 @@ def _open_tracker(config: Config) -> Tracker:
 
 
 def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, console: Console,
-         out_dir: Path, search: SearchRun | None = None, storage: str | None = None,
+         out_dir: Path, search: SearchRun | None = None, storage_root: str | None = None,
          **faults) -> list[dict]:
     """Dispatch the packs and record every trial as its pack ends; returns the summary rows.
 
     `faults` are `dispatch`'s checkpoint_dir, checkpoint_every, max_retries and lost_timeout_s.
     A `search` may stop trials early, backfill slots and add trials (Optuna) as the sweep goes.
-    With a `storage` root, each adapter is also copied there (orchestrator.cluster.storage).
+    With a `storage_root`, each adapter is also copied there (orchestrator.cluster.storage).
     """
     by_id = {t.trial_id: t for t in trials}
     folders = folder_names(trials)
@@ -352,8 +354,8 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
                         trial = by_id[result.trial_id]
                         stop = search.stop_of(trial.trial_id) if search is not None else None
                         folder = folders[trial.trial_id]
-                        if storage is not None and result.adapter:
-                            stored = (storage, tracker.parent_run_id, folder)
+                        if storage_root is not None and result.adapter:
+                            stored = (storage_root, tracker.parent_run_id, folder)
                         else:
                             stored = None
                         rows[trial.trial_id] = record_trial(

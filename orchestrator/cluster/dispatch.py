@@ -89,6 +89,7 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
     restarts: dict[str, int] = {}  # trial_id -> times sent again after a lost worker
     stalled_since: float | None = None  # since when packs wait and no worker is placed
     noticed = (0.0, 0)  # when waiting workers were last reported, and how many
+    start_error = ""  # why the last worker that died before it was placed died
     try:
         while True:
             if refill is not None and idle and not todo:
@@ -115,7 +116,8 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
                     try:
                         ray.get(ref)
                     except Exception as e:  # it died before it was placed: ask for another
-                        log.info("worker %d not started (%s); asking again", i, first_line(e))
+                        start_error = f"{type(e).__name__}: {first_line(e)}"
+                        log.info("worker %d not started (%s); asking again", i, start_error)
                         _replace(slots, i, plan, queue)
                     else:
                         slots[i].placing = None
@@ -156,7 +158,9 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
                     raise SweepLost("cluster.lost_timeout_s", (
                         f"no node could host a worker for {lost_timeout_s:g} s (each asks "
                         f"{_asks(plan)}; {sum(len(p.trials) for p in todo)} trial(s) waiting): "
-                        "the cluster is gone or too small"))
+                        "the cluster is gone or too small"
+                        + (f"; the last worker to start died: {start_error}" if start_error
+                           else "")))
             else:
                 stalled_since = None
             yield events

@@ -78,10 +78,14 @@ class MlflowServer(Server):
 class MotoS3(Server):
     """moto's standalone server: an S3 endpoint on loopback; `env` is what a client needs."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, authenticate: bool = False):
+        """`authenticate`: moto checks every request's key against its IAM users (it has none:
+        any key is refused, as a wrong key is by S3); by default it takes any key."""
         port = free_port()
+        env = {"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if authenticate else None
         super().__init__([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                         root / "moto.log", f"http://127.0.0.1:{port}", "/moto-api/")
+                         root / f"moto-{port}.log", f"http://127.0.0.1:{port}", "/moto-api/",
+                         env=env)
         self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "qlora-test-key",
                     "AWS_SECRET_ACCESS_KEY": "qlora-test-secret-7f3a", "AWS_DEFAULT_REGION":
                     "us-east-1"}

@@ -99,6 +99,20 @@ def test_storage_that_answers_passes_the_check_and_a_bad_one_names_the_key(s3, s
         assert info.value.key == "cluster.storage" and words in info.value.message, info.value
 
 
+def test_a_key_the_server_does_not_know_is_refused_before_training(tmp_path, monkeypatch):
+    from orchestrator.cluster import storage
+
+    with MotoS3(tmp_path, authenticate=True) as strict:
+        for key, value in strict.env.items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(ConfigError) as info:
+            storage.check("s3://sweeps/prefix")
+    message = info.value.message
+    assert info.value.key == "cluster.storage" and "cannot write to s3://sweeps/prefix" in message
+    assert "PermissionError: The AWS Access Key Id you provided does not exist" in message, message
+    assert strict.env["AWS_SECRET_ACCESS_KEY"] not in message
+
+
 def test_the_cli_stops_before_training_when_the_bucket_refuses(s3, tmp_path):
     env = {**os.environ, **s3.env, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", "orchestrator", "cluster.storage=s3://absent/x",
