@@ -40,21 +40,22 @@ from qlora.config import TrialStatus
 
 
 def record_trial(trial: Trial, result: TrialResult, outcome: PackOutcome, tracker: Tracker,
-                 folder: Path, stop=None, stored: tuple[str, str, str] | None = None) -> dict:
+                 folder: Path, stop=None, storage_root: str | None = None) -> dict:
     """Save a trial's adapter locally, end its run in MLflow, and return its summary row.
 
     `stop` (an `orchestrator.asha.Stop`) says at which rung and why the search stopped it.
-    `stored` is (cluster.storage root, parent run id, trial folder): the adapter is copied there
-    too (`orchestrator.cluster.storage.copy_adapter`) before it goes to the tracker.
+    With a `storage_root` (cluster.storage), the adapter is copied there too
+    (`orchestrator.cluster.storage.copy_adapter`) before it goes to the tracker.
     """
     adapter_dir = stored_at = None
     if result.adapter:
         # The local copy is promised to users; MLflow gets the same files from it.
         adapter_dir = write_adapter(result.adapter, folder / "adapter")
-        if stored is not None:
+        if storage_root is not None:
             from orchestrator.cluster.storage import copy_adapter
 
-            stored_at = copy_adapter(adapter_dir, *stored)
+            stored_at = copy_adapter(adapter_dir, storage_root, tracker.parent_run_id,
+                                     folder.name)
     placement: Placement | None = outcome.placement
     tags = {PACK_TAG: outcome.pack_id}
     if outcome.memory_estimate is not None:

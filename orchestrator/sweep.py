@@ -353,12 +353,8 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
                                                 result.eval_loss, result.reason)
                         trial = by_id[result.trial_id]
                         stop = search.stop_of(trial.trial_id) if search is not None else None
-                        folder = folders[trial.trial_id]
-                        if storage_root is not None and result.adapter:
-                            stored = (storage_root, tracker.parent_run_id, folder)
-                        else:
-                            stored = None
                         rows[trial.trial_id] = record_trial(
-                            trial, result, ev, tracker, out_dir / folder, stop, stored)
+                            trial, result, ev, tracker, out_dir / folders[trial.trial_id], stop,
+                            storage_root)
             tracker.flush()
     return [rows[t.trial_id] for t in trials if t.trial_id in rows]

@@ -18,7 +18,6 @@ reads and deletes one small object before any training, so a wrong bucket, endpo
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -123,7 +122,6 @@ def copy_adapter(folder: Path, storage: str, parent_run_id: str, trial_folder: s
     else:
         import shutil
 
-        os.makedirs(target, exist_ok=True)
         shutil.copytree(folder, target, dirs_exist_ok=True)
     return target
 
