@@ -20,10 +20,13 @@ def inject(base: Base, slot: str, spec: TrialSpec) -> list[torch.nn.Parameter]:
     """Give every targeted linear of `base` an adapter named `slot` for `spec`; returns its params.
 
     Only the new adapter's parameters require gradients: the base stays frozen. Each module gets
-    the rank and scale `spec` gives its path (`rank_pattern`, `alpha_pattern`, `use_rslora`).
+    the rank and scale `spec` gives its path (`rank_pattern`, `alpha_pattern`, `use_rslora`),
+    and starts as `spec.init` says: PEFT's default, or LoftQ's factors of the base's
+    quantization error on that module (`qlora.loftq`).
     """
     routing = routing_of(base)
     params: list[torch.nn.Parameter] = []
+    full = _full_weights(base) if spec.init == "loftq" else None
     for path in target_paths(base.model, spec.target_modules):
         layer = wrap(base.model, path, routing)
         base.layers[path] = layer
@@ -33,9 +36,35 @@ def inject(base: Base, slot: str, spec: TrialSpec) -> list[torch.nn.Parameter]:
         device = weight.device if weight.device.type != "meta" else base.device
         adapter = LoraAdapter(layer.in_features, layer.out_features, spec.rank_of(path),
                               spec.scale_of(path), spec.dropout, spec.seed, path, device)
+        if full is not None:
+            _loftq_start(adapter, layer, full.weight(path))
         layer.adapters[slot] = adapter
         params.extend(adapter.parameters())
     return params
+
+
+def _full_weights(base: Base):
+    """The base's full-precision weights, opened once per loaded base (LoftQ reads them)."""
+    from .loftq import QUANTIZED, FullWeights
+
+    if base.spec.quant_type not in QUANTIZED:
+        raise ValueError(f"lora.init=loftq needs a quantized base (quant_type one of "
+                         f"{', '.join(QUANTIZED)}): a {base.spec.quant_type!r} base has no "
+                         "quantization error to start from")
+    if getattr(base, "_full_weights", None) is None:
+        base._full_weights = FullWeights(base.source, base.spec.revision)
+    return base._full_weights
+
+
+def _loftq_start(adapter: LoraAdapter, layer: MultiLoraLinear, full: torch.Tensor) -> None:
+    """Set `adapter`'s A and B to LoftQ's factors of W - dequant(Q) on this layer."""
+    from .loftq import dequantized, loftq_factors
+
+    q = dequantized(layer.base_layer)
+    a, b = loftq_factors(full.to(q.device) - q, adapter.r, adapter.scale)
+    with torch.no_grad():
+        adapter.lora_A.weight.copy_(a)
+        adapter.lora_B.weight.copy_(b)
 
 
 def remove(base: Base, slot: str) -> None:

@@ -25,6 +25,8 @@ OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DATA_FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
 DATA_PACKING = ("none", "pack")
+#: How an adapter starts: PEFT's default (A Kaiming-uniform, B zero) or LoftQ's (see qlora.loftq).
+LORA_INITS = ("gaussian", "loftq")
 
 #: The model built locally from a config (see `qlora.tiny`), never downloaded.
 TINY = "tiny"
@@ -62,7 +64,9 @@ class Limit:
             text = "one of " + ", ".join(self.choices)
         else:
             noun = "an integer" if self.integer else "a number"
-            if self.low is not None and self.high is not None:
+            if self.low is not None and self.low == self.high:
+                text = num(self.low)
+            elif self.low is not None and self.high is not None:
                 if self.integer:
                     text = f"{noun} in {num(self.low)}..{num(self.high)}"
                 else:
@@ -86,6 +90,8 @@ LIMITS = {
     "seq_len": Limit(8, 131072, integer=True),
     "max_eval_examples": Limit(1, integer=True, optional=True),
     "r": Limit(1, 1024, integer=True),
+    "init": Limit(choices=LORA_INITS),
+    "loftq_iter": Limit(1, 1, integer=True),
     "alpha": Limit(0, open_low=True),
     "dropout": Limit(0, 1, open_high=True),
     "learning_rate": Limit(0, 1, open_low=True),
@@ -237,6 +243,9 @@ class TrialSpec:
     # per module, PEFT's names and matching: ((pattern, rank), ...); a dict is accepted too
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
+    # gaussian (PEFT's default: B = 0) | loftq (B A from the base's quantization error)
+    init: str = "gaussian"
+    loftq_iter: int = 1  # one step is the optimum on a shared base (see qlora.loftq)
     # optimisation
     learning_rate: float = 2e-4
     weight_decay: float = 0.0

@@ -35,9 +35,10 @@ def _trials(steps: int = 20) -> list[TrialSpec]:
     # a ratio, and a length in epochs (64 train rows, micro batch 2: `steps` steps).
     settings = [(4, 8.0, 1e-3, 1, "paged_adamw_32bit"), (8, 16.0, 3e-3, 2, "adamw"),
                 (16, 8.0, 5e-4, 1, "paged_adamw_8bit"), (2, 4.0, 2e-3, 1, "adamw")]
+    # Two of them start from LoftQ (per-module ranks included): inits mix in one pack.
     knobs = [dict(use_rslora=True, warmup_steps=2),
-             dict(rank_pattern=RANKS, alpha_pattern=ALPHAS, warmup_steps=2),
-             dict(warmup_ratio=0.15),
+             dict(rank_pattern=RANKS, alpha_pattern=ALPHAS, warmup_steps=2, init="loftq"),
+             dict(warmup_ratio=0.15, init="loftq"),
              dict(num_epochs=steps * 2 / 64, warmup_steps=2)]
     return [TrialSpec(trial_id=f"t{k}", seed=100 + k, r=r, alpha=a, learning_rate=lr,
                       grad_accum_steps=acc, optimizer=opt, micro_batch_size=2, dropout=0.1,
@@ -81,8 +82,9 @@ def test_diverging_trial_is_stopped_and_isolated(data):
 
 
 @pytest.mark.parametrize("knobs", [{}, dict(use_rslora=True),
-                                   dict(rank_pattern=RANKS, alpha_pattern=ALPHAS)],
-                         ids=["lora", "rslora", "rank-alpha-pattern"])
+                                   dict(rank_pattern=RANKS, alpha_pattern=ALPHAS),
+                                   dict(init="loftq")],
+                         ids=["lora", "rslora", "rank-alpha-pattern", "loftq"])
 def test_peft_round_trip(data, tmp_path, knobs):
     from peft import PeftModel
 
