@@ -2,6 +2,7 @@
 
     python -m bench.quality                  # both tables (SmolLM2-135M; fetched on first use)
     python -m bench.quality --table 1        # perplexity per data type only
+    python -m bench.quality --table 3        # which storage and init to pick (issue 24)
     python -m bench.quality --quick          # fewer windows and steps, for a smoke run
 
 Table 1 is the QLoRA paper's Table 2 (arXiv 2305.14314) measured on SmolLM2-135M: perplexity on
@@ -12,6 +13,14 @@ its linears measured from the tensors bitsandbytes holds. Every data type sees t
 Table 2 trains the same trials (one pack, the bundled tasks) on the NF4 base and on the 16-bit
 (here fp32, quant.type=none) base, and reports the held-out eval loss of the base alone and of
 each trial. The weights went through Q4_1 once (the package ships a Q4_1 GGUF file).
+
+Table 3 is the choice a user makes: the same trials on NF4 + DQ with PEFT's init, NF4 + DQ with
+LoftQ's, int8 and the 16-bit (fp32) base, each setting a pack of its own in a fresh process (so
+its measured peak memory is its own), evaluated at 20 steps and at `--steps` (constant learning
+rate after warmup, so the first evaluation is what a 20-step run gives): eval loss, its gap to
+16-bit, exact match, bits per weight, and the peak memory while training (the process's RSS
+above the runtime's, once the load's transient copies are given back; the load's own peak, which
+holds the full-precision weights before they are quantized, is in the JSON).
 """
 
 from __future__ import annotations
@@ -138,6 +147,117 @@ def table2(steps: int, n_eval: int, n_answers: int) -> dict:
     return out
 
 
+#: Table 3's settings: (label, quant_type, double_quant, lora init).
+SETTINGS = [
+    ("NF4 + DQ, gaussian init", "nf4", True, "gaussian"),
+    ("NF4 + DQ, LoftQ init", "nf4", True, "loftq"),
+    ("int8", "int8", False, "gaussian"),
+    ("16-bit (fp32)", "none", False, "gaussian"),
+]
+#: Table 3's trials: (r, alpha, learning rate), rank 16 where LoftQ has room to fit the error.
+CHOICE_TRIALS = [(16, 32.0, 1e-3), (16, 32.0, 3e-4)]
+FIRST_EVAL = 20  # today's table 2 length
+
+
+def run_setting(label: str, steps: int, n_eval: int, n_answers: int) -> dict:
+    """One setting of table 3 in this process: its base, its trials as one pack, the eval loss
+    and exact match of each trial at every evaluation, bits per weight, peak memory."""
+    from qlora.memory import peak_bytes, reset_peak, rss_bytes
+
+    _, quant, dq, init = next(s for s in SETTINGS if s[0] == label)
+    data = DataSpec(seq_len=64, max_eval_examples=n_eval)
+    trials = [TrialSpec(trial_id=f"r{r}-lr{lr:.0e}", seed=k, r=r, alpha=a, learning_rate=lr,
+                        max_steps=steps, micro_batch_size=4, warmup_steps=2, dropout=0.05,
+                        optimizer="adamw", lr_schedule="constant", init=init,
+                        eval_every=min(FIRST_EVAL, steps), eval_samples=n_answers,
+                        eval_max_new_tokens=ANSWER_TOKENS, data=data)
+              for k, (r, a, lr) in enumerate(CHOICE_TRIALS)]
+    load_data(data, load_base_tokenizer(quant))  # tokenized and cached before the peak starts
+    rss0 = rss_bytes()
+    reset_peak()
+    started = time.time()
+    base = load_base(BaseSpec(name_or_path=MODEL, quant_type=quant, double_quant=dq,
+                              compute_dtype="float32", gradient_checkpointing=False), "cpu")
+    load_peak = peak_bytes() - rss0
+    _give_back_freed_memory()  # the load's transient copies, so the next peak is training's
+    reset_peak()
+    evals: dict[str, dict] = {t.trial_id: {} for t in trials}
+
+    def on_metrics(trial_id, step, metrics):
+        if "eval_loss" in metrics:
+            evals[trial_id][step] = {k: v for k, v in metrics.items() if k.startswith("eval_")}
+        return False
+
+    results = train_pack(base, trials, on_metrics=on_metrics)
+    return {"setting": label, "quant_type": quant, "double_quant": dq, "init": init,
+            "bits_per_weight": measured_bits_per_weight(base.model),
+            "peak_bytes": peak_bytes() - rss0, "load_peak_bytes": load_peak,
+            "wall_s": time.time() - started,
+            "trials": {r.trial_id: {"status": str(r.status), "evals": evals[r.trial_id]}
+                       for r in results}}
+
+
+def _give_back_freed_memory() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the training peak then includes what the load left freed
+        pass
+
+
+def load_base_tokenizer(quant: str):
+    from qlora.base import load_tokenizer
+
+    return load_tokenizer(BaseSpec(name_or_path=MODEL, quant_type=quant))
+
+
+def table3(steps: int, n_eval: int, n_answers: int) -> list[dict]:
+    """Each setting in a fresh `python -m bench.quality --setting LABEL` process."""
+    import subprocess
+    import sys
+
+    rows = []
+    for label, *_ in SETTINGS:
+        out = subprocess.run([sys.executable, "-m", "bench.quality", "--setting", label,
+                              "--steps", str(steps), "--eval", str(n_eval),
+                              "--answers", str(n_answers)],
+                             check=True, capture_output=True, text=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        rows.append(row)
+        finals = "; ".join(f"{t} " + ", ".join(f"step {s}: {e['eval_loss']:.4f} / "
+                                                f"{e.get('eval_exact_match', 0):.3f}"
+                                                for s, e in sorted(v["evals"].items(),
+                                                                   key=lambda x: int(x[0]))
+                                                if int(s) in (FIRST_EVAL, steps))
+                           for t, v in row["trials"].items())
+        print(f"  {label}: {row['bits_per_weight']:.3f} bits/weight, peak "
+              f"{row['peak_bytes'] / 2**20:.0f} MiB; {finals}  ({row['wall_s']:.0f} s)",
+              flush=True)
+    return rows
+
+
+def _table3_markdown(rows: list[dict], steps: int) -> list[str]:
+    ref = next(r for r in rows if r["quant_type"] == "none")
+    lines = [f"| setting | trial | eval loss @{FIRST_EVAL} | gap to 16-bit @{FIRST_EVAL} "
+             f"| exact match @{FIRST_EVAL} | eval loss @{steps} | gap to 16-bit @{steps} "
+             f"| exact match @{steps} | bits per weight | peak memory training (MiB) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        for trial, v in row["trials"].items():
+            ev = {int(s): e for s, e in v["evals"].items()}
+            rv = {int(s): e for s, e in ref["trials"][trial]["evals"].items()}
+            cells = []
+            for step in (FIRST_EVAL, steps):
+                e, r = ev.get(step, {}), rv.get(step, {})
+                loss = e.get("eval_loss", float("nan"))
+                cells += [f"{loss:.4f}", f"{loss - r.get('eval_loss', float('nan')):+.4f}",
+                          f"{e.get('eval_exact_match', float('nan')):.3f}"]
+            lines.append(f"| {row['setting']} | {trial} | " + " | ".join(cells)
+                         + f" | {row['bits_per_weight']:.3f} | {row['peak_bytes'] / 2**20:.0f} |")
+    return lines
+
+
 def _markdown(report: dict) -> str:
     lines = []
     if "table1" in report:
@@ -160,6 +280,9 @@ def _markdown(report: dict) -> str:
                          f"{a['eval_loss'] - b['eval_loss']:+.4f} | "
                          f"{a.get('eval_exact_match', float('nan')):.3f} | "
                          f"{b.get('eval_exact_match', float('nan')):.3f} |")
+        lines.append("")
+    if "table3" in report:
+        lines += _table3_markdown(report["table3"], report["args"]["steps"])
     return "\n".join(lines)
 
 
@@ -173,7 +296,9 @@ def _machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", choices=["1", "2", "both"], default="both")
+    parser.add_argument("--table", choices=["1", "2", "3", "both"], default="both",
+                        help="both = tables 1 and 2; table 3 runs alone (its own --steps)")
+    parser.add_argument("--setting", help=argparse.SUPPRESS)  # table 3's child process
     parser.add_argument("--quick", action="store_true", help="fewer windows and steps")
     parser.add_argument("--windows", type=int, default=16, help="Brown samples (table 1)")
     parser.add_argument("--window", type=int, default=256, help="tokens per sample (table 1)")
@@ -186,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="MatMul8bitLt")
     if opts.quick:
         opts.windows, opts.window, opts.steps, opts.eval, opts.answers = 2, 64, 2, 8, 4
+    if opts.setting:  # one setting of table 3, its row as the last line of stdout
+        print(json.dumps(run_setting(opts.setting, opts.steps, opts.eval, opts.answers)))
+        return 0
     started = time.time()
     report = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "model": MODEL,
               "corpus": PACKAGE, "args": vars(opts)}
@@ -198,11 +326,17 @@ def main(argv: list[str] | None = None) -> int:
               f"eval loss on {opts.eval} held-out bundled examples, exact match of greedy answers "
               f"to the first {opts.answers}", flush=True)
         report["table2"] = table2(opts.steps, opts.eval, opts.answers)
+    if opts.table == "3":
+        print(f"3. {len(CHOICE_TRIALS)} trials per setting, {opts.steps} steps (constant lr), "
+              f"eval at {min(FIRST_EVAL, opts.steps)} and {opts.steps} on {opts.eval} held-out "
+              f"examples, exact match on {opts.answers}", flush=True)
+        report["table3"] = table3(opts.steps, opts.eval, opts.answers)
     report["wall_s"] = time.time() - started
     print(_markdown(report))
     print(f"wall time {report['wall_s']:.0f} s on {report['machine']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
+    name = "quality-choice.json" if opts.table == "3" else "quality.json"
+    (RESULTS / name).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 
