@@ -136,12 +136,12 @@ def _only_sweeps(overrides: list[str]) -> bool:
 
 
 def _dry_run(config: Config) -> str:
-    from orchestrator.search.expand import expand, format_trials
+    from orchestrator.search.expand import expand, format_trials, skipped
 
     trials = expand(config)
-    note = ""
+    note = "".join(f"left out of the sweep: {line}\n" for line in skipped(config))
     if config.sweep.strategy == "optuna":
-        note = (f"optuna: the first round of a budget of {config.sweep.num_trials}; later rounds "
+        note += (f"optuna: the first round of a budget of {config.sweep.num_trials}; later rounds "
                 "are proposed from the results\n")
     return (f"{format_trials(config, trials)}\n{note}"
             "dry run: nothing was started (drop dry_run=true to run the sweep)")

@@ -19,7 +19,7 @@ from rich.console import Console as RichConsole
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from orchestrator.search.objective import Objective
+from orchestrator.search.objective import Objective, base_cells
 from orchestrator.tracking.keys import RUNS_VIEW_KEY
 from qlora.config import TrialStatus
 
@@ -146,14 +146,16 @@ class Console:
                             "trials finished", box=box.SIMPLE_HEAD, title_justify="left")
         for col, justify in (("#", "right"), ("trial", "left"), ("rank", "right"),
                              ("alpha", "right"), ("lr", "right"), ("eval_loss", "right"),
-                             *((m, "right") for m in other), ("status", "left")):
+                             *((m, "right") for m in other), ("quant", "left"),
+                             ("bits/w", "right"), ("peak MiB", "right"), ("status", "left")):
             table.add_column(col, justify=justify, no_wrap=True)
         for i, r in enumerate(ranked, 1):
             eval_loss = r.get("eval_loss")
             table.add_row(str(i), r["name"], str(r["lora_r"]), f"{r['lora_alpha']:g}",
                           f"{r['learning_rate']:g}",
                           "-" if eval_loss is None else f"{eval_loss:.4f}",
-                          *(_num(objective.of_row(r)) for _ in other), r["status"])
+                          *(_num(objective.of_row(r)) for _ in other), *base_cells(r),
+                          r["status"])
         self.rich.print(table)
         if self._log is not None:
             self._log.print(table)

@@ -20,9 +20,11 @@ from orchestrator.cluster.events import (
 from orchestrator.config.schema import Config
 from orchestrator.search.trials import Trial
 from orchestrator.tracking.keys import (
+    BITS_METRIC,
     DEVICES_TAG,
     EVAL_LOSS,
     MEMORY_ESTIMATE_TAG,
+    MEMORY_PEAK_METRIC,
     MEMORY_PEAK_TAG,
     NODE_TAG,
     OOM_SPLITS_TAG,
@@ -69,7 +71,9 @@ def record_trial(trial: Trial, result: TrialResult, outcome: PackOutcome, tracke
     if stop is not None and result.status == TrialStatus.STOPPED:
         tags.update({STOPPED_AT_RUNG_TAG: str(stop.rung), STOPPED_AT_STEP_TAG: str(stop.step),
                      STOP_REASON_TAG: stop.reason})
-    tracker.end_trial(result, adapter_dir, tags)
+    cost = base_cost(outcome)
+    tracker.end_trial(result, adapter_dir, tags, metrics={k: v for k, v in cost.items()
+                                                          if v is not None})
     return trial_row(
         trial, status=result.status, steps=result.steps, eval_loss=result.eval_loss,
         eval_metrics={k: v for k, v in (result.eval_metrics or {}).items() if k != EVAL_LOSS},
@@ -80,7 +84,15 @@ def record_trial(trial: Trial, result: TrialResult, outcome: PackOutcome, tracke
         stopped_at_rung=stop.rung if stop is not None else None,
         stop_reason=stop.reason if stop is not None else None, dispatched=True,
         trained=result.spec.to_dict() if result.spec is not None else None,
-        adapter_storage=stored_at, **counters(tracker, trial.trial_id))
+        adapter_storage=stored_at, **cost, **counters(tracker, trial.trial_id))
+
+
+def base_cost(outcome: PackOutcome) -> dict[str, float | None]:
+    """What the trial's base cost, as its run's metrics and its row's fields: storage bits per
+    weight of the base's linears and the pack's measured peak memory in MiB."""
+    peak = outcome.memory_peak
+    return {BITS_METRIC: outcome.bits_per_weight,
+            MEMORY_PEAK_METRIC: None if peak is None else round(peak / 2**20, 1)}
 
 
 def trial_row(trial: Trial, *, status, steps: int | None, eval_loss: float | None, run_id: str,
@@ -90,19 +102,23 @@ def trial_row(trial: Trial, *, status, steps: int | None, eval_loss: float | Non
               placement: dict | None = None, stopped_at_rung: int | None = None,
               stop_reason: str | None = None, trained: dict | None = None,
               eval_metrics: dict | None = None, samples: list | None = None,
-              adapter_storage: str | None = None) -> dict:
+              adapter_storage: str | None = None, base_bits_per_weight: float | None = None,
+              memory_peak_mib: float | None = None) -> dict:
     """The one shape of a trial's row in `summary.json`, whoever ran it.
 
     `trained` is the engine's spec as the worker trained with it (None for a trial an earlier
     driver finished): what ran, beside what the sweep asked for. `eval_metrics` are the last
     evaluation's scores besides eval_loss; `samples` its generated answers (empty for a trial an
     earlier driver finished: they are in its run's samples/ tables). `adapter_storage` is
-    the adapter's copy under `cluster.storage`, if it has one.
+    the adapter's copy under `cluster.storage`, if it has one. `quant_type` and `lora_init` are
+    the trial's own (a sweep may vary them), beside what its base measured to cost.
     """
     return {
         "trial_id": trial.trial_id, "name": trial.name, "params": trial.params,
         "lora_r": trial.spec.r, "lora_alpha": trial.spec.alpha,
         "learning_rate": trial.spec.learning_rate,
+        "quant_type": trial.base.quant_type, "lora_init": trial.spec.init,
+        "base_bits_per_weight": base_bits_per_weight, "memory_peak_mib": memory_peak_mib,
         "status": status, "steps": steps, "eval_loss": eval_loss,
         "eval_metrics": dict(eval_metrics or {}), "samples": list(samples or []),
         "reason": reason,
@@ -138,7 +154,9 @@ def with_finished(rows: list[dict], trials: list[Trial], finished_runs: dict,
             pack_id=tags.get(PACK_TAG), dispatched=False,
             stopped_at_rung=int(rung) if rung is not None else None,
             stop_reason=tags.get(STOP_REASON_TAG),
-            restarts=int(tags.get(RESTARTS_TAG, 0)), oom_splits=int(tags.get(OOM_SPLITS_TAG, 0)))
+            restarts=int(tags.get(RESTARTS_TAG, 0)), oom_splits=int(tags.get(OOM_SPLITS_TAG, 0)),
+            base_bits_per_weight=run.data.metrics.get(BITS_METRIC),
+            memory_peak_mib=run.data.metrics.get(MEMORY_PEAK_METRIC))
     return [by_id[t.trial_id] for t in trials if t.trial_id in by_id]
 
 

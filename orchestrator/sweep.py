@@ -58,7 +58,7 @@ from orchestrator.config.schema import Config
 from orchestrator.console import Console
 from orchestrator.finish import finish_sweep
 from orchestrator.planner import Pack
-from orchestrator.search.expand import expand
+from orchestrator.search.expand import expand, skipped
 from orchestrator.search.objective import Objective
 from orchestrator.search.resume_trial import resume_config, resume_path
 from orchestrator.search.run import SearchRun
@@ -120,6 +120,8 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
         raise
     trials = search.trials  # the same list: trials the search proposes later are appended
     console = Console(trials)
+    for line in skipped(config):
+        console.print(f"left out of the sweep: {line}")
     extra = {"num_workers": workers.num_workers, "gpus_per_worker": workers.gpus_per_worker}
     try:
         with _Interrupts():

@@ -45,11 +45,12 @@ def inject(base: Base, slot: str, spec: TrialSpec) -> list[torch.nn.Parameter]:
 
 def _full_weights(base: Base):
     """The base's full-precision weights, opened once per loaded base (LoftQ reads them)."""
-    from .loftq import QUANTIZED, FullWeights
+    from .config import LOFTQ_QUANT_TYPES
+    from .loftq import FullWeights
 
-    if base.spec.quant_type not in QUANTIZED:
+    if base.spec.quant_type not in LOFTQ_QUANT_TYPES:
         raise ValueError(f"lora.init=loftq needs a quantized base (quant_type one of "
-                         f"{', '.join(QUANTIZED)}): a {base.spec.quant_type!r} base has no "
+                         f"{', '.join(LOFTQ_QUANT_TYPES)}): a {base.spec.quant_type!r} base has no "
                          "quantization error to start from")
     if getattr(base, "_full_weights", None) is None:
         base._full_weights = FullWeights(base.source, base.spec.revision)

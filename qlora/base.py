@@ -8,6 +8,7 @@ embeddings upcast, input gradients enabled so checkpointed blocks get gradients)
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +61,9 @@ def quantization_config(spec: BaseSpec):
             bnb_4bit_compute_dtype=DTYPES[spec.compute_dtype],
         )
     if spec.quant_type == "int8":
+        # LLM.int8 casts float32 inputs to float16 on every matmul, as it is meant to, and
+        # bitsandbytes warns each time: a flood in every worker's log, not news.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 

@@ -27,6 +27,8 @@ DATA_FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
 DATA_PACKING = ("none", "pack")
 #: How an adapter starts: PEFT's default (A Kaiming-uniform, B zero) or LoftQ's (see qlora.loftq).
 LORA_INITS = ("gaussian", "loftq")
+#: The storage types whose quantization error LoftQ fits; a 16-bit base ("none") has none.
+LOFTQ_QUANT_TYPES = ("nf4", "fp4", "int8")
 
 #: The model built locally from a config (see `qlora.tiny`), never downloaded.
 TINY = "tiny"

@@ -27,9 +27,6 @@ from pathlib import Path
 
 import torch
 
-#: The quantized layer types LoftQ can start from; a 16-bit base has no quantization error.
-QUANTIZED = ("nf4", "fp4", "int8")
-
 
 class FullWeights:
     """The full-precision weights of a model folder's safetensors files, read per tensor."""

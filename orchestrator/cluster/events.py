@@ -80,6 +80,7 @@ class PackOutcome:
     memory_estimate: int | None = None  # qlora.estimate_memory's bytes for the pack
     memory_peak: int | None = None  # measured: CUDA max allocated, or CPU RSS high-water above
     #                                  the worker's RSS before its first base (see PackWorker)
+    bits_per_weight: float | None = None  # measured storage of the base's linears (quant.type)
 
 
 @dataclass

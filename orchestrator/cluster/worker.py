@@ -86,7 +86,8 @@ class PackWorker:
         self._index = index
         self._queue = queue
         self._base = None
-        self._loads = 0  # bases loaded so far (backfill and reuse keep this low)
+        self._loads = 0
+        self._bits: float | None = None  # storage bits per weight of the loaded base's linears  # bases loaded so far (backfill and reuse keep this low)
         self._rss0 = None
 
     def warm(self) -> None:
@@ -191,7 +192,8 @@ class PackWorker:
         peak = peak_bytes() - (0 if cuda else self._rss0)
         return PackOutcome(pack_id, results, placement, started, time.time(), error, oom=oom,
                            interrupted=interrupted, base_loads=self._loads - loads,
-                           memory_estimate=estimate, memory_peak=peak)
+                           memory_estimate=estimate, memory_peak=peak,
+                           bits_per_weight=self._bits if base is not None else None)
 
     def _refuse(self, estimate: int, n_trials: int) -> str | None:
         """Why a pack of several trials would not fit this GPU's free memory (None: it fits)."""
@@ -213,8 +215,11 @@ class PackWorker:
             from qlora import load_base
 
             self._drop_base()
+            from qlora.memory import measured_bits_per_weight
+
             self._base = load_base(spec)
             self._loads += 1
+            self._bits = measured_bits_per_weight(self._base.model)
         return self._base
 
     def _drop_base(self) -> None:

@@ -24,6 +24,18 @@ RANGE_KEYS = ("low", "high", "log", "type")
 DB_SCHEMES = ("postgresql", "mysql", "mssql")  # MLflow's other SQLAlchemy backends
 
 
+def loftq_error(quant_type: str, init: str) -> str | None:
+    """Why `lora.init` cannot start on a `quant.type` base, or None: LoftQ fits the base's
+    quantization error, and a 16-bit base has none (its adapter would start at zero, and a
+    zero A and B never train)."""
+    from qlora.config import LOFTQ_QUANT_TYPES
+
+    if init == "loftq" and quant_type not in LOFTQ_QUANT_TYPES:
+        return (f"loftq needs a quantized base (quant.type one of {', '.join(LOFTQ_QUANT_TYPES)}); "
+                f"quant.type={quant_type} has no quantization error to start from")
+    return None
+
+
 @dataclass(frozen=True)
 class Rule:
     """What a key accepts: `allowed` reads after "must be" in an error, `ok` tests a typed value."""

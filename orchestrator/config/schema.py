@@ -115,6 +115,12 @@ class LoraCfg:
                                                        "of alpha / r (PEFT's use_rslora)")
     rank_pattern: dict = pattern("rank_pattern", "r per module, e.g. {q_proj: 8}")
     alpha_pattern: dict = pattern("alpha_pattern", "alpha per module, e.g. {'layers\\.0\\.': 8}")
+    init: str = engine(TrialSpec, "init", "gaussian (PEFT's default: B = 0) | loftq (A, B from "
+                                          "the SVD of the base's quantization error; nf4, fp4 "
+                                          "or int8 bases)")
+    loftq_iter: int = engine(TrialSpec, "loftq_iter", "LoftQ's alternating steps: on the pack's "
+                                                      "one shared base the first is the optimum",
+                             note="more would requantize the shared base per trial")
 
 
 @dataclass
@@ -327,6 +333,7 @@ class Config:
             trial_id=trial_id, name=name, seed=seed,
             r=lo.r, alpha=float(lo.alpha), dropout=lo.dropout, target_modules=tm,
             use_rslora=lo.use_rslora, rank_pattern=lo.rank_pattern, alpha_pattern=lo.alpha_pattern,
+            init=lo.init, loftq_iter=lo.loftq_iter,
             learning_rate=t.learning_rate, weight_decay=t.weight_decay,
             warmup_steps=0 if t.warmup_ratio else t.warmup_steps, warmup_ratio=t.warmup_ratio,
             lr_schedule=t.lr_schedule, max_steps=t.max_steps, num_epochs=t.num_epochs,

@@ -18,6 +18,8 @@ import math
 import random
 from typing import Any
 
+from orchestrator.config.errors import ConfigError
+from orchestrator.config.rules import loftq_error
 from orchestrator.config.schema import Config
 from orchestrator.config.validate import sweep_params
 from orchestrator.search.trials import (
@@ -35,26 +37,17 @@ def expand(cfg: Config) -> list[Trial]:
     """The trials of `cfg.sweep`, in a stable order; a config validated by `validate()`.
 
     A sweep without params gives one trial: `cfg` itself. Params are checked again (cheap), so
-    a config built by hand gets the same `ConfigError` as one from the command line.
+    a config built by hand gets the same `ConfigError` as one from the command line. Combinations
+    no trial can train (LoftQ on a 16-bit base) are left out: `skipped` says which.
     """
-    sweep = cfg.sweep
-    params = sweep_params(sweep)
-    if sweep.strategy == "grid":
-        product = itertools.product(*params.values())
-        combos = [dict(zip(params, values, strict=True)) for values in product]
-    elif sweep.strategy == "random":
-        rng = random.Random(cfg.seed)
-        combos = [
-            {key: _draw(rng, spec) for key, spec in params.items()}
-            for _ in range(sweep.num_trials or 1)
-        ]
-    elif sweep.strategy == "optuna":
+    if cfg.sweep.strategy == "optuna":
         # Later rounds follow from results: what can be listed up front is the first round.
         from orchestrator.search.optuna_rounds import first_round
 
         return first_round(cfg)
-    else:
-        raise ValueError(f"unknown sweep strategy {sweep.strategy!r}")
+    combos, skipped_ = _split(cfg, _combos(cfg))
+    if skipped_ and not combos:
+        raise ConfigError("sweep.params", f"no combination can train: {skipped_[0]}")
 
     seen: set[str] = set()
     drafts: list[tuple[str, dict, Config]] = []
@@ -68,6 +61,42 @@ def expand(cfg: Config) -> list[Trial]:
     names = [trial_name(config, params) for _, params, config in drafts]
     twins = {n for n in names if names.count(n) > 1}
     return [make_trial(config, params, tid, taken=twins) for tid, params, config in drafts]
+
+
+def _combos(cfg: Config) -> list[dict[str, Any]]:
+    """The swept values of each trial of a grid or random sweep, in order."""
+    sweep = cfg.sweep
+    params = sweep_params(sweep)
+    if sweep.strategy == "grid":
+        product = itertools.product(*params.values())
+        return [dict(zip(params, values, strict=True)) for values in product]
+    if sweep.strategy == "random":
+        rng = random.Random(cfg.seed)
+        return [{key: _draw(rng, spec) for key, spec in params.items()}
+                for _ in range(sweep.num_trials or 1)]
+    raise ValueError(f"unknown sweep strategy {sweep.strategy!r}")
+
+
+def _split(cfg: Config, combos: list[dict]) -> tuple[list[dict], list[str]]:
+    """(the combinations a trial can train, a line for each one left out and why)."""
+    kept, skipped_ = [], []
+    for params in combos:
+        config = apply(cfg, params)
+        why = loftq_error(config.quant.type, config.lora.init)
+        if why is None:
+            kept.append(params)
+        else:
+            shown = ", ".join(f"{k}={v}" for k, v in params.items()
+                              if k in ("lora.init", "quant.type"))
+            skipped_.append(f"{shown or 'lora.init=' + config.lora.init}: {why}")
+    return kept, skipped_
+
+
+def skipped(cfg: Config) -> list[str]:
+    """A line for each combination of a grid or random sweep that `expand` leaves out."""
+    if cfg.sweep.strategy == "optuna":
+        return []
+    return list(dict.fromkeys(_split(cfg, _combos(cfg))[1]))
 
 
 def _draw(rng: random.Random, spec: Any) -> Any:

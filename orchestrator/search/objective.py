@@ -83,7 +83,7 @@ def leaderboard_markdown(rows: list[dict], objective: Objective, title: str) -> 
     cols = ["#", "trial", "lora_r", "lora_alpha", "learning_rate", f"**{objective.metric}**"]
     if objective.metric != "eval_loss":
         cols.append("eval_loss")
-    cols += [*extra, "status"]
+    cols += [*extra, "quant", "bits/w", "peak MiB", "status"]
     lines = [f"### {title}", "",
              f"Ranked by `{objective.metric}` ({objective.mode}).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -93,9 +93,20 @@ def leaderboard_markdown(rows: list[dict], objective: Objective, title: str) -> 
                  f"{r['learning_rate']:g}", _num(objective.of_row(r))]
         if objective.metric != "eval_loss":
             cells.append(_num(metrics["eval_loss"]))
-        cells += [_num(metrics.get(k)) for k in extra] + [str(r["status"])]
+        cells += [_num(metrics.get(k)) for k in extra] + base_cells(r) + [str(r["status"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def base_cells(row: dict) -> list[str]:
+    """A row's base as the leaderboards show it: storage type (with LoftQ's init), measured
+    bits per weight, peak memory in MiB ("-" where not measured)."""
+    quant = row.get("quant_type") or "-"
+    if row.get("lora_init") == "loftq":
+        quant += "+loftq"
+    bits, peak = row.get("base_bits_per_weight"), row.get("memory_peak_mib")
+    return [quant, "-" if bits is None else f"{bits:.2f}",
+            "-" if peak is None else f"{peak:.0f}"]
 
 
 def _num(value) -> str:

@@ -30,10 +30,13 @@ _SHORT = {
     "train.weight_decay": "wd", "train.warmup_steps": "wu", "train.max_grad_norm": "clip",
     "train.eval_every": "ev", "train.optimizer": "", "train.lr_schedule": "", "seed": "s",
     "train.num_epochs": "ep", "train.warmup_ratio": "wr", "lora.use_rslora": "rs",
-    "lora.rank_pattern": "rp", "lora.alpha_pattern": "ap",
+    "lora.rank_pattern": "rp", "lora.alpha_pattern": "ap", "lora.init": "",
+    "lora.loftq_iter": "li", "quant.type": "", "quant.double_quant": "dq",
+    "quant.compute_dtype": "",
 }
 #: Keys left out of a trial's id while at these defaults, so ids from before they existed hold.
-_NEW_DEFAULTS = {"lora": {"use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}},
+_NEW_DEFAULTS = {"lora": {"use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
+                          "init": "gaussian", "loftq_iter": 1},
                  "train": {"num_epochs": None, "warmup_ratio": 0.0}}
 _ALWAYS = ("lora.r", "lora.alpha", "train.learning_rate")
 #: Significant digits kept of a randomly drawn float, so params and names stay readable.

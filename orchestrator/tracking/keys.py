@@ -35,8 +35,10 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # columns a sweep is judged by, best eval_loss first, the latest sweep's trials shown.
 RUNS_VIEW_KEY = "qlora-runs"
 RUNS_VIEW_TAG = "mlflow.sharedViewState." + RUNS_VIEW_KEY
+RUNS_VIEW_ORDER = "metrics.`eval_loss`"
 RUNS_VIEW_COLUMNS = ("params.`lora_r`", "params.`lora_alpha`", "params.`learning_rate`",
-                     "metrics.`eval_loss`")
+                     RUNS_VIEW_ORDER, "params.`quant_type`", "params.`lora_init`",
+                     "metrics.`base_bits_per_weight`", "metrics.`memory_peak_mib`")
 DATA_TAG_PREFIX = "qlora.data."  # + data_hash, n_train, n_eval, n_truncated, n_skipped, ...
 BASE_TAG_PREFIX = "qlora.base."  # + gguf_file, gguf_sha256: a base converted from a GGUF file
 STEPS_TAG = "qlora.steps"  # optimizer steps the trial ran
@@ -61,6 +63,9 @@ RUN_NAME_TAG = "mlflow.runName"
 TRAIN_LOSS = "train_loss"
 LR_METRIC = "lr"  # the schedule's value at each step (the param `learning_rate` is its peak)
 EVAL_LOSS = "eval_loss"
+# What a trial's base costs, logged at its end (one table with eval_loss: quant.type x lora.init).
+BITS_METRIC = "base_bits_per_weight"  # storage of the base's linears, measured from its tensors
+MEMORY_PEAK_METRIC = "memory_peak_mib"  # its pack's measured peak (MEMORY_PEAK_TAG, in MiB)
 SAMPLES_DIR = "samples"  # on a child: samples/step_000040.json, a table per evaluation
 # On the parent: the run's description (markdown) in the UI, here the leaderboard.
 NOTE_TAG = "mlflow.note.content"

@@ -58,6 +58,7 @@ from orchestrator.tracking.keys import (
     ROLE_TRIAL,
     RUN_NAME_TAG,
     RUNS_VIEW_COLUMNS,
+    RUNS_VIEW_ORDER,
     RUNS_VIEW_TAG,
     STATUS_TAG,
     STEPS_TAG,
@@ -118,7 +119,7 @@ class Tracker:
     def _runs_view(self) -> None:
         """Point the experiment's runs view (`RUNS_VIEW_TAG`) at this sweep's trials."""
         view = {"selectedColumns": list(RUNS_VIEW_COLUMNS),
-                "orderByKey": RUNS_VIEW_COLUMNS[-1], "orderByAsc": True,
+                "orderByKey": RUNS_VIEW_ORDER, "orderByAsc": True,
                 "runsExpanded": {self.parent_run_id: True}}
         self.client.set_experiment_tag(self.experiment_id, RUNS_VIEW_TAG, json.dumps(view))
 
@@ -246,16 +247,17 @@ class Tracker:
         self._buffer = {}
 
     def end_trial(self, result: TrialResult, adapter_dir: Path | None = None,
-                  tags: dict[str, str] | None = None) -> None:
-        """Log what the stream missed, the adapter folder (if any), then end the child run.
+                  tags: dict[str, str] | None = None, metrics: dict | None = None) -> None:
+        """Log what the stream missed, `metrics` (at its last step), the adapter folder (if
+        any), then end the child run.
 
         Points the stream delivered are not logged twice; the final eval_loss is always present.
         While a tracking server does not answer, this is kept and done when it does.
         """
-        self.client.later(functools.partial(self._end_trial, result, adapter_dir, tags))
+        self.client.later(functools.partial(self._end_trial, result, adapter_dir, tags, metrics))
 
     def _end_trial(self, result: TrialResult, adapter_dir: Path | None,
-                   tags: dict[str, str] | None) -> None:
+                   tags: dict[str, str] | None, metrics: dict | None = None) -> None:
         trial_id, run_id = result.trial_id, self.run_ids[result.trial_id]
         for step, loss in enumerate(result.train_losses, 1):
             self.log_metrics(trial_id, step, {TRAIN_LOSS: loss})
@@ -267,6 +269,8 @@ class Tracker:
         final = {k: v for k, v in (result.eval_metrics or {}).items() if k != EVAL_LOSS}
         if final:  # the last evaluation's scores (and samples), should the stream have missed them
             self.log_metrics(trial_id, result.steps, final)
+        if metrics:
+            self.log_metrics(trial_id, result.steps, metrics)
         self.log_samples(trial_id, result.steps, list(result.samples or []))
         self._send_buffer()
         if adapter_dir is not None:

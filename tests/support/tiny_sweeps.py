@@ -97,6 +97,7 @@ SPEC_PARAMS = {
     "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
     "target_modules": "lora_target_modules", "use_rslora": "lora_use_rslora",
     "rank_pattern": "lora_rank_pattern", "alpha_pattern": "lora_alpha_pattern",
+    "init": "lora_init", "loftq_iter": "lora_loftq_iter",
     "learning_rate": "learning_rate", "warmup_ratio": "train_warmup_ratio",
     "num_epochs": "train_num_epochs",
     "weight_decay": "train_weight_decay", "warmup_steps": "train_warmup_steps",
