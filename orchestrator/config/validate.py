@@ -26,7 +26,6 @@ from orchestrator.config.rules import (
     RANGE_KEYS,
     SWEEP_WIDE_TRAIN_KEYS,
     Rule,
-    loftq_error,
 )
 from orchestrator.config.schema import Config, SweepDef
 
@@ -44,9 +43,6 @@ def validate(cfg: Any) -> Config:
     config.sweep.params = sweep_params(config.sweep)
     _check_exclusive_sweep(config)
     _check_eval(config)
-    why = loftq_error(config.quant.type, config.lora.init)
-    if why and not {"lora.init", "quant.type"} & set(config.sweep.params):
-        raise ConfigError("lora.init", why)  # swept, the sweep leaves such pairs out (expand)
     if why := storage_error(config.cluster.storage, config.cluster.checkpoint_dir):
         raise ConfigError("cluster.storage", why)
     if config.sweep.strategy in DRAWING and config.sweep.num_trials is None:
@@ -317,10 +313,9 @@ def _check_tracking_uri(uri: str) -> None:
     )
 
 def sweepable_keys() -> list[str]:
-    """The dotted keys a sweep may vary per trial: lora.*, quant.*, data.*, train.* but the
-    base's memory options, seed."""
+    """The dotted keys a sweep may vary per trial: lora.*, quant.* (trials on other bases go to
+    other packs), data.*, train.* but the base's memory options, seed."""
     keys = [f"lora.{f.name}" for f in dataclasses.fields(_section_class("lora"))]
-    # The storage type too: trials on different bases go to different packs (the planner).
     keys += [f"quant.{f.name}" for f in dataclasses.fields(_section_class("quant"))]
     # A trial may train on its own data: one pack can hold adapters for different tasks.
     keys += [f"data.{f.name}" for f in dataclasses.fields(_section_class("data"))]
@@ -345,10 +340,8 @@ def sweep_params(sweep: SweepDef) -> dict[str, Any]:
             )
         if isinstance(spec, Mapping):
             if sweep.strategy not in DRAWING:
-                raise ConfigError(
-                    label, "a range {low, high} needs strategy random or optuna; a grid takes a "
-                           "list of values"
-                )
+                raise ConfigError(label, "a range {low, high} needs strategy random or optuna; "
+                                         "a grid takes a list of values")
             out[key] = _range(key, label, spec)
         elif isinstance(spec, list | tuple) and len(spec) > 0:
             out[key] = [check_value(key, v, label) for v in spec]

@@ -45,9 +45,11 @@ def expand(cfg: Config) -> list[Trial]:
         from orchestrator.search.optuna_rounds import first_round
 
         return first_round(cfg)
-    combos, skipped_ = _split(cfg, _combos(cfg))
-    if skipped_ and not combos:
-        raise ConfigError("sweep.params", f"no combination can train: {skipped_[0]}")
+    combos, left_out = _split(cfg, _combos(cfg))
+    if left_out and not combos:
+        if not {"lora.init", "quant.type"} & set(cfg.sweep.params):
+            raise ConfigError("lora.init", left_out[0].partition(": ")[2])
+        raise ConfigError("sweep.params", f"no combination can train: {left_out[0]}")
 
     seen: set[str] = set()
     drafts: list[tuple[str, dict, Config]] = []

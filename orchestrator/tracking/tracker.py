@@ -249,11 +249,9 @@ class Tracker:
     def end_trial(self, result: TrialResult, adapter_dir: Path | None = None,
                   tags: dict[str, str] | None = None, metrics: dict | None = None) -> None:
         """Log what the stream missed, `metrics` (at its last step), the adapter folder (if
-        any), then end the child run.
-
-        Points the stream delivered are not logged twice; the final eval_loss is always present.
-        While a tracking server does not answer, this is kept and done when it does.
-        """
+        any), then end the child run. Points the stream delivered are not logged twice; the
+        final eval_loss is always present. While a tracking server does not answer, this is
+        kept and done when it does."""
         self.client.later(functools.partial(self._end_trial, result, adapter_dir, tags, metrics))
 
     def _end_trial(self, result: TrialResult, adapter_dir: Path | None,
@@ -269,8 +267,7 @@ class Tracker:
         final = {k: v for k, v in (result.eval_metrics or {}).items() if k != EVAL_LOSS}
         if final:  # the last evaluation's scores (and samples), should the stream have missed them
             self.log_metrics(trial_id, result.steps, final)
-        if metrics:
-            self.log_metrics(trial_id, result.steps, metrics)
+        self.log_metrics(trial_id, result.steps, metrics or {})
         self.log_samples(trial_id, result.steps, list(result.samples or []))
         self._send_buffer()
         if adapter_dir is not None:
