@@ -8,7 +8,7 @@ embeddings upcast, input gradients enabled so checkpointed blocks get gradients)
 
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -62,10 +62,14 @@ def quantization_config(spec: BaseSpec):
         )
     if spec.quant_type == "int8":
         # LLM.int8 casts float32 inputs to float16 on every matmul, as it is meant to, and
-        # bitsandbytes warns each time: a flood in every worker's log, not news.
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        # bitsandbytes logs a warning each time: a flood in every worker's log, not news.
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_quiet_int8_cast)
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
+
+
+def _quiet_int8_cast(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
 
 
 def load_tokenizer(spec: BaseSpec, source: str | None = None):

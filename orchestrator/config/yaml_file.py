@@ -31,7 +31,7 @@ defaults:
   - _self_  # first, so the chosen model/data/sweep files override the values below
   - model: tiny  # tiny | smollm2_135m | llama3_8b | mistral_7b, or model.name_or_path=FOLDER_OR_HUB_ID_OR_FILE.gguf
   - data: bundled  # bundled | custom, or data.path=FILE
-  - sweep: single  # a file in sweeps/: rank_grid, alpha_grid, lr_grid, grid, random, asha, optuna, single
+  - sweep: single  # a file in sweeps/: rank_grid, alpha_grid, lr_grid, grid, random, asha, optuna, quant_grid, single
 """
 
 HYDRA = """\

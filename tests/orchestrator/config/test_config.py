@@ -62,7 +62,8 @@ def test_every_yaml_opens_with_its_command(path):
 
 
 def test_sweep_group_lists_the_promised_sweeps():
-    assert {"rank_grid", "alpha_grid", "lr_grid", "grid", "random", "single"} <= set(options("sweep"))
+    assert {"rank_grid", "alpha_grid", "lr_grid", "grid", "random", "single",
+            "quant_grid"} <= set(options("sweep"))
     assert (REPO / "conf" / "sweep").resolve() == (REPO / "sweeps").resolve()
 
 
