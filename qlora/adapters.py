@@ -59,7 +59,8 @@ def _full_weights(base: Base):
 
 def _loftq_start(adapter: LoraAdapter, layer: MultiLoraLinear, full: torch.Tensor) -> None:
     """Set `adapter`'s A and B to LoftQ's factors of W - dequant(Q) on this layer."""
-    from .loftq import dequantized, loftq_factors
+    from .base import dequantized
+    from .loftq import loftq_factors
 
     q = dequantized(layer.base_layer)
     a, b = loftq_factors(full.to(q.device) - q, adapter.r, adapter.scale)

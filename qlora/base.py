@@ -158,3 +158,18 @@ def _set_checkpointing(model: torch.nn.Module, on: bool, offload: bool = False) 
         model.gradient_checkpointing_disable()
     if on:
         model.enable_input_require_grads()
+
+
+def dequantized(layer: torch.nn.Module) -> torch.Tensor:
+    """The float32 weight a frozen linear computes with: NF4/FP4 codes times their block
+    constants, int8 rows times their scales, or a plain weight as it is."""
+    import bitsandbytes as bnb
+
+    w = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        # The row scales move from the weight to the layer's state at its first forward pass.
+        scales = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(w.data, scales).to(torch.float32)
+    return w.detach().to(torch.float32)

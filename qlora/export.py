@@ -71,18 +71,18 @@ def write_adapter(files: dict[str, bytes], folder: str | Path) -> Path:
 
 def dequantized_model(base: Base, dtype: torch.dtype = torch.bfloat16):
     """A plain transformers model (no bitsandbytes, no quantization config) holding `base`'s
-    weights as it trains on them: each 4-bit linear dequantized, every other weight cast to
-    `dtype`. Tied weights stay tied."""
+    weights as it trains on them: each 4-bit or int8 linear dequantized, every other weight cast
+    to `dtype`. Tied weights stay tied."""
     import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
     from transformers import AutoModelForCausalLM
+
+    from .base import dequantized
 
     state: dict[str, torch.Tensor] = {}
     quantized: set[str] = set()
     for name, module in base.model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            w = module.weight
-            state[f"{name}.weight"] = dequantize_4bit(w.data, w.quant_state).to(dtype)
+        if isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt):
+            state[f"{name}.weight"] = dequantized(module).to(dtype)
             quantized.add(name)
             if module.bias is not None:
                 state[f"{name}.bias"] = module.bias.detach().to(dtype)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .base import dequantized
+
 
 class FullWeights:
     """The full-precision weights of a model folder's safetensors files, read per tensor."""
@@ -67,19 +69,6 @@ class FullWeights:
                              f"of {self.folder}")
         with safe_open(str(self.files[key]), "pt") as f:
             return f.get_tensor(key).to(torch.float32)
-
-
-def dequantized(layer: torch.nn.Module) -> torch.Tensor:
-    """The float32 weight a frozen linear computes with: NF4/FP4 codes times their block
-    constants, int8 rows times their scales, or a plain weight as it is."""
-    import bitsandbytes as bnb
-
-    w = layer.weight
-    if isinstance(layer, bnb.nn.Linear4bit):
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
-    if isinstance(layer, bnb.nn.Linear8bitLt):
-        return bnb.functional.int8_vectorwise_dequant(w.CB, w.SCB).to(torch.float32)
-    return w.detach().to(torch.float32)
 
 
 def loftq_factors(residual: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

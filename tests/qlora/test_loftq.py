@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.engine import make_base
+from safetensors.torch import load as load_safetensors
+from support.engine import DATA, make_base
 
-from qlora import TrialSpec
-from qlora.adapters import adapter_layers, inject, remove
+from qlora import TrialSpec, adapter_logits, train_pack, write_adapter
+from qlora.adapters import adapter_layers, inject, load_adapter_state, remove
+from qlora.export import PEFT_PREFIX, WEIGHTS_NAME, dequantized_model, merge_adapter
 from qlora.loftq import FullWeights, dequantized, residual_error
 
 
@@ -55,3 +57,35 @@ def test_loftq_is_refused_on_a_16_bit_base():
 def test_loftq_iter_is_one_on_a_shared_base():
     with pytest.raises(ValueError, match="loftq_iter must be 1, got 2"):
         TrialSpec(trial_id="x", init="loftq", loftq_iter=2)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_merged_loftq_adapter_is_q_plus_scale_b_a(data, tmp_path, quant):
+    """`orchestrator.export --merge` merges into the dequantized base: Q + scale B A, which is
+    what LoftQ's adapter was fitted against (merged into W it would count the error twice).
+    On NF4 the merged model gives the engine's logits; int8's own forward also rounds the
+    activations (LLM.int8), so there its merged weights are compared instead."""
+    base = make_base(gc=False, quant=quant)
+    trial = TrialSpec(trial_id="m", seed=1, r=8, alpha=16.0, init="loftq", learning_rate=1e-2,
+                      max_steps=3, micro_batch_size=2, optimizer="adamw", data=DATA)
+    result = train_pack(base, [trial], datasets=data)[0]
+    folder = write_adapter(result.adapter, tmp_path / "adapter")
+    inject(base, "check", trial)
+    load_adapter_state(base, "check", {k[len(PEFT_PREFIX):]: v for k, v in
+                                       load_safetensors((folder / WEIGHTS_NAME).read_bytes()).items()})
+    plain = dequantized_model(make_base(gc=False, quant=quant), torch.float32)  # as export loads
+    ids = torch.randint(4, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = plain(input_ids=ids).logits
+        merged = merge_adapter(plain, folder)
+        after = merged(input_ids=ids).logits
+    for path, layer in adapter_layers(base, "check").items():
+        ad = layer.adapters["check"]
+        want = dequantized(layer.base_layer) + ad.scale * (ad.lora_B.weight @ ad.lora_A.weight)
+        assert torch.allclose(merged.get_submodule(path).weight, want, atol=1e-5), path
+    if quant == "nf4":
+        ours = adapter_logits(base, "check", ids).float()
+        scale = ours.abs().max()
+        assert ((after - ours).abs().max() / scale).item() <= 1e-4
+        assert ((before - ours).abs().max() / scale).item() > 1e-2  # the adapter matters
+    remove(base, "check")
