@@ -94,6 +94,10 @@ def check_model(cfg: Config) -> None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(key, f"{name}: the folder has no config.json (not a saved model)")
+        inits = [cfg.lora.init, *cfg.sweep.params.get("lora.init", [])]
+        if "loftq" in inits and not any(path.glob("*.safetensors")):
+            raise ConfigError("lora.init", f"loftq reads the base's full-precision weights from "
+                                           f"its .safetensors files, and {name} holds none")
         return
     if path.exists():
         raise ConfigError(key, f"{name}: not a folder; give the folder holding config.json")

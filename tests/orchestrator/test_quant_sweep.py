@@ -34,8 +34,8 @@ BITS = {"nf4": 4 + 8 / 64 + 32 / (64 * 256), "int8": 8.0, "none": 32.0}
 def _config(root, params=GRID, name="quant_t"):
     cfg = tiny_sweeps.config(root, SweepDef(name=name, params=dict(params)), max_adapters=4,
                              num_workers=1)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=4,
-                                                              eval_every=0))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=4, eval_every=0),
+                               eval=dataclasses.replace(cfg.eval, num_samples=0))
 
 
 def test_loftq_on_a_16_bit_base_is_left_out_and_said(tmp_path):

@@ -28,6 +28,9 @@ def _files(folder: Path) -> None:
     (folder / "malformed.jsonl").write_text(GOOD_ROW + '{"instruction": "x", "output": \n')
     (folder / "good.jsonl").write_text(GOOD_ROW * 4)
     (folder / "not_a_model").mkdir()
+    (folder / "bin_model").mkdir()  # a saved model whose weights are not safetensors
+    (folder / "bin_model" / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "bin_model" / "pytorch_model.bin").write_bytes(b"")
     (folder / "notes.gguf").write_text("not a model\n")
     _gguf(folder / "whole.gguf")
     raw = (folder / "whole.gguf").read_bytes()
@@ -119,6 +122,9 @@ CASES = [
      "model.name_or_path: ./no_such_model: no such folder"),
     ("model-folder-without-config", ["model.name_or_path=not_a_model"],
      "model.name_or_path: not_a_model: the folder has no config.json"),
+    ("loftq-without-safetensors", ["model.name_or_path=bin_model", "lora.init=loftq"],
+     "lora.init: loftq reads the base's full-precision weights from its .safetensors files, "
+     "and bin_model holds none"),
     ("not-a-gguf-file", ["model.name_or_path=notes.gguf"],
      "model.name_or_path: notes.gguf: not a GGUF file"),
     ("truncated-gguf-file", ["model.name_or_path=truncated.gguf"],
