@@ -3,6 +3,8 @@
     python -m bench.quality                  # both tables (SmolLM2-135M; fetched on first use)
     python -m bench.quality --table 1        # perplexity per data type only
     python -m bench.quality --table 3        # which storage and init to pick (issue 24)
+    python -m bench.quality --table 3 --seed 1                         # the same, other seeds
+    python -m bench.quality --combine bench/results/quality-choice-seed*.json   # over the seeds
     python -m bench.quality --quick          # fewer windows and steps, for a smoke run
 
 Table 1 is the QLoRA paper's Table 2 (arXiv 2305.14314) measured on SmolLM2-135M: perplexity on
@@ -159,14 +161,14 @@ CHOICE_TRIALS = [(16, 32.0, 1e-3), (16, 32.0, 3e-4)]
 FIRST_EVAL = 20  # today's table 2 length
 
 
-def run_setting(label: str, steps: int, n_eval: int, n_answers: int) -> dict:
+def run_setting(label: str, steps: int, n_eval: int, n_answers: int, seed: int = 0) -> dict:
     """One setting of table 3 in this process: its base, its trials as one pack, the eval loss
     and exact match of each trial at every evaluation, bits per weight, peak memory."""
     from qlora.memory import peak_bytes, reset_peak, rss_bytes
 
     _, quant, dq, init = next(s for s in SETTINGS if s[0] == label)
     data = DataSpec(seq_len=64, max_eval_examples=n_eval)
-    trials = [TrialSpec(trial_id=f"r{r}-lr{lr:.0e}", seed=k, r=r, alpha=a, learning_rate=lr,
+    trials = [TrialSpec(trial_id=f"r{r}-lr{lr:.0e}", seed=100 * seed + k, r=r, alpha=a, learning_rate=lr,
                         max_steps=steps, micro_batch_size=4, warmup_steps=2, dropout=0.05,
                         optimizer="adamw", lr_schedule="constant", init=init,
                         eval_every=min(FIRST_EVAL, steps), eval_samples=n_answers,
@@ -180,6 +182,7 @@ def run_setting(label: str, steps: int, n_eval: int, n_answers: int) -> dict:
                               compute_dtype="float32", gradient_checkpointing=False), "cpu")
     load_peak = peak_bytes() - rss0
     _give_back_freed_memory()  # the load's transient copies, so the next peak is training's
+    resident = rss_bytes() - rss0  # the loaded base as it stays in memory
     reset_peak()
     evals: dict[str, dict] = {t.trial_id: {} for t in trials}
 
@@ -189,9 +192,10 @@ def run_setting(label: str, steps: int, n_eval: int, n_answers: int) -> dict:
         return False
 
     results = train_pack(base, trials, on_metrics=on_metrics)
-    return {"setting": label, "quant_type": quant, "double_quant": dq, "init": init,
+    return {"setting": label, "seed": seed, "quant_type": quant, "double_quant": dq, "init": init,
             "bits_per_weight": measured_bits_per_weight(base.model),
             "peak_bytes": peak_bytes() - rss0, "load_peak_bytes": load_peak,
+            "resident_bytes": resident,
             "wall_s": time.time() - started,
             "trials": {r.trial_id: {"status": str(r.status), "evals": evals[r.trial_id]}
                        for r in results}}
@@ -212,7 +216,7 @@ def load_base_tokenizer(quant: str):
     return load_tokenizer(BaseSpec(name_or_path=MODEL, quant_type=quant))
 
 
-def table3(steps: int, n_eval: int, n_answers: int) -> list[dict]:
+def table3(steps: int, n_eval: int, n_answers: int, seed: int = 0) -> list[dict]:
     """Each setting in a fresh `python -m bench.quality --setting LABEL` process."""
     import subprocess
     import sys
@@ -221,7 +225,7 @@ def table3(steps: int, n_eval: int, n_answers: int) -> list[dict]:
     for label, *_ in SETTINGS:
         out = subprocess.run([sys.executable, "-m", "bench.quality", "--setting", label,
                               "--steps", str(steps), "--eval", str(n_eval),
-                              "--answers", str(n_answers)],
+                              "--answers", str(n_answers), "--seed", str(seed)],
                              check=True, capture_output=True, text=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         rows.append(row)
@@ -256,6 +260,56 @@ def _table3_markdown(rows: list[dict], steps: int) -> list[str]:
             lines.append(f"| {row['setting']} | {trial} | " + " | ".join(cells)
                          + f" | {row['bits_per_weight']:.3f} | {row['peak_bytes'] / 2**20:.0f} |")
     return lines
+
+
+def combine(paths: list[str]) -> str:
+    """Table 3 over several seeds (`--combine FILE ...`, the JSON files of `--table 3 --seed N`):
+    per setting and step, the mean over every trial and seed of the eval loss, its gap to the
+    16-bit base's same trial and seed, and exact match, each with its min..max."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    steps = {r["args"]["steps"] for r in reports}
+    if len(steps) != 1:
+        raise SystemExit(f"--combine: the files ran different --steps: {sorted(steps)}")
+    [last] = steps
+    labels = [row["setting"] for row in reports[0]["table3"]]
+    cells: dict[tuple, list] = {}
+    for report in reports:
+        ref = next(r for r in report["table3"] if r["quant_type"] == "none")
+        for row in report["table3"]:
+            for trial, v in row["trials"].items():
+                for step in (FIRST_EVAL, last):
+                    e = v["evals"][str(step)]
+                    r = ref["trials"][trial]["evals"][str(step)]
+                    key = (row["setting"], step)
+                    cells.setdefault(key + ("loss",), []).append(e["eval_loss"])
+                    cells.setdefault(key + ("gap",), []).append(e["eval_loss"] - r["eval_loss"])
+                    cells.setdefault(key + ("em",), []).append(e.get("eval_exact_match", math.nan))
+            cells.setdefault((row["setting"], "peak"), []).append(row["peak_bytes"] / 2**20)
+            if "resident_bytes" in row:  # measured from the second run of the bench on
+                cells.setdefault((row["setting"], "resident"), []).append(
+                    row["resident_bytes"] / 2**20)
+            cells[(row["setting"], "bits")] = [row["bits_per_weight"]]
+
+    def spread(values: list, fmt: str) -> str:
+        mean = sum(values) / len(values)
+        return f"{mean:{fmt}} ({min(values):{fmt}}..{max(values):{fmt}})"
+
+    seeds = sorted({row.get("seed", 0) for r in reports for row in r["table3"]})
+    lines = [f"seeds {seeds}, {len(reports[0]['table3'][0]['trials'])} trials each: mean "
+             "(min..max) over every trial and seed", "",
+             "| setting | step | eval loss | gap to 16-bit | exact match | bits per weight "
+             "| base resident (MiB) | peak memory training (MiB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label in labels:
+        for step in (FIRST_EVAL, last):
+            key = (label, step)
+            lines.append(f"| {label} | {step} | {spread(cells[key + ('loss',)], '.4f')} | "
+                         f"{spread(cells[key + ('gap',)], '+.4f')} | "
+                         f"{spread(cells[key + ('em',)], '.3f')} | "
+                         f"{cells[(label, 'bits')][0]:.3f} | "
+                         f"{spread(cells.get((label, 'resident'), [math.nan]), '.0f')} | "
+                         f"{spread(cells[(label, 'peak')], '.0f')} |")
+    return "\n".join(lines)
 
 
 def _markdown(report: dict) -> str:
@@ -299,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", choices=["1", "2", "3", "both"], default="both",
                         help="both = tables 1 and 2; table 3 runs alone (its own --steps)")
     parser.add_argument("--setting", help=argparse.SUPPRESS)  # table 3's child process
+    parser.add_argument("--seed", type=int, default=0,
+                        help="table 3: trial k trains with seed 100 x SEED + k (data order, "
+                             "dropout, Gaussian init)")
     parser.add_argument("--quick", action="store_true", help="fewer windows and steps")
     parser.add_argument("--windows", type=int, default=16, help="Brown samples (table 1)")
     parser.add_argument("--window", type=int, default=256, help="tokens per sample (table 1)")
@@ -306,13 +363,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", type=int, default=64, help="held-out examples (table 2)")
     parser.add_argument("--answers", type=int, default=32,
                         help="held-out prompts answered greedily for exact match (table 2)")
+    parser.add_argument("--combine", nargs="+", metavar="FILE",
+                        help="print table 3 over the seeds of these --table 3 JSON files")
     opts = parser.parse_args(argv)
+    if opts.combine:
+        print(combine(opts.combine))
+        return 0
     # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16 (what int8 does)
     warnings.filterwarnings("ignore", message="MatMul8bitLt")
     if opts.quick:
         opts.windows, opts.window, opts.steps, opts.eval, opts.answers = 2, 64, 2, 8, 4
     if opts.setting:  # one setting of table 3, its row as the last line of stdout
-        print(json.dumps(run_setting(opts.setting, opts.steps, opts.eval, opts.answers)))
+        print(json.dumps(run_setting(opts.setting, opts.steps, opts.eval, opts.answers,
+                                     opts.seed)))
         return 0
     started = time.time()
     report = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "model": MODEL,
@@ -330,12 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"3. {len(CHOICE_TRIALS)} trials per setting, {opts.steps} steps (constant lr), "
               f"eval at {min(FIRST_EVAL, opts.steps)} and {opts.steps} on {opts.eval} held-out "
               f"examples, exact match on {opts.answers}", flush=True)
-        report["table3"] = table3(opts.steps, opts.eval, opts.answers)
+        report["table3"] = table3(opts.steps, opts.eval, opts.answers, opts.seed)
     report["wall_s"] = time.time() - started
     print(_markdown(report))
     print(f"wall time {report['wall_s']:.0f} s on {report['machine']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "quality-choice.json" if opts.table == "3" else "quality.json"
+    name = f"quality-choice-seed{opts.seed}.json" if opts.table == "3" else "quality.json"
     (RESULTS / name).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
