@@ -182,7 +182,6 @@ def run_setting(label: str, steps: int, n_eval: int, n_answers: int, seed: int =
                               compute_dtype="float32", gradient_checkpointing=False), "cpu")
     load_peak = peak_bytes() - rss0
     _give_back_freed_memory()  # the load's transient copies, so the next peak is training's
-    resident = rss_bytes() - rss0  # the loaded base as it stays in memory
     reset_peak()
     evals: dict[str, dict] = {t.trial_id: {} for t in trials}
 
@@ -195,7 +194,6 @@ def run_setting(label: str, steps: int, n_eval: int, n_answers: int, seed: int =
     return {"setting": label, "seed": seed, "quant_type": quant, "double_quant": dq, "init": init,
             "bits_per_weight": measured_bits_per_weight(base.model),
             "peak_bytes": peak_bytes() - rss0, "load_peak_bytes": load_peak,
-            "resident_bytes": resident,
             "wall_s": time.time() - started,
             "trials": {r.trial_id: {"status": str(r.status), "evals": evals[r.trial_id]}
                        for r in results}}
@@ -285,9 +283,6 @@ def combine(paths: list[str]) -> str:
                     cells.setdefault(key + ("gap",), []).append(e["eval_loss"] - r["eval_loss"])
                     cells.setdefault(key + ("em",), []).append(e.get("eval_exact_match", math.nan))
             cells.setdefault((row["setting"], "peak"), []).append(row["peak_bytes"] / 2**20)
-            if "resident_bytes" in row:  # measured from the second run of the bench on
-                cells.setdefault((row["setting"], "resident"), []).append(
-                    row["resident_bytes"] / 2**20)
             cells[(row["setting"], "bits")] = [row["bits_per_weight"]]
 
     def spread(values: list, fmt: str) -> str:
@@ -298,8 +293,8 @@ def combine(paths: list[str]) -> str:
     lines = [f"seeds {seeds}, {len(reports[0]['table3'][0]['trials'])} trials each: mean "
              "(min..max) over every trial and seed", "",
              "| setting | step | eval loss | gap to 16-bit | exact match | bits per weight "
-             "| base resident (MiB) | peak memory training (MiB) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| peak memory training (MiB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label in labels:
         for step in (FIRST_EVAL, last):
             key = (label, step)
@@ -307,7 +302,6 @@ def combine(paths: list[str]) -> str:
                          f"{spread(cells[key + ('gap',)], '+.4f')} | "
                          f"{spread(cells[key + ('em',)], '.3f')} | "
                          f"{cells[(label, 'bits')][0]:.3f} | "
-                         f"{spread(cells.get((label, 'resident'), [math.nan]), '.0f')} | "
                          f"{spread(cells[(label, 'peak')], '.0f')} |")
     return "\n".join(lines)
 
