@@ -26,7 +26,7 @@ def inject(base: Base, slot: str, spec: TrialSpec) -> list[torch.nn.Parameter]:
     """
     routing = routing_of(base)
     params: list[torch.nn.Parameter] = []
-    full = _full_weights(base) if spec.init == "loftq" else None
+    residuals = _residuals(base) if spec.init == "loftq" else None
     for path in target_paths(base.model, spec.target_modules):
         layer = wrap(base.model, path, routing)
         base.layers[path] = layer
@@ -36,37 +36,28 @@ def inject(base: Base, slot: str, spec: TrialSpec) -> list[torch.nn.Parameter]:
         device = weight.device if weight.device.type != "meta" else base.device
         adapter = LoraAdapter(layer.in_features, layer.out_features, spec.rank_of(path),
                               spec.scale_of(path), spec.dropout, spec.seed, path, device)
-        if full is not None:
-            _loftq_start(adapter, layer, full.weight(path))
+        if residuals is not None:
+            a, b = residuals.factors(path, layer.base_layer, adapter.r, adapter.scale)
+            with torch.no_grad():
+                adapter.lora_A.weight.copy_(a)
+                adapter.lora_B.weight.copy_(b)
         layer.adapters[slot] = adapter
         params.extend(adapter.parameters())
     return params
 
 
-def _full_weights(base: Base):
-    """The base's full-precision weights, opened once per loaded base (LoftQ reads them)."""
+def _residuals(base: Base):
+    """The base's quantization error, for LoftQ: one per loaded base (`qlora.loftq.Residuals`)."""
     from .config import LOFTQ_QUANT_TYPES
-    from .loftq import FullWeights
+    from .loftq import Residuals
 
     if base.spec.quant_type not in LOFTQ_QUANT_TYPES:
         raise ValueError(f"lora.init=loftq needs a quantized base (quant_type one of "
                          f"{', '.join(LOFTQ_QUANT_TYPES)}): a {base.spec.quant_type!r} base has no "
                          "quantization error to start from")
-    if getattr(base, "_full_weights", None) is None:
-        base._full_weights = FullWeights(base.source, base.spec.revision)
-    return base._full_weights
-
-
-def _loftq_start(adapter: LoraAdapter, layer: MultiLoraLinear, full: torch.Tensor) -> None:
-    """Set `adapter`'s A and B to LoftQ's factors of W - dequant(Q) on this layer."""
-    from .base import dequantized
-    from .loftq import loftq_factors
-
-    q = dequantized(layer.base_layer)
-    a, b = loftq_factors(full.to(q.device) - q, adapter.r, adapter.scale)
-    with torch.no_grad():
-        adapter.lora_A.weight.copy_(a)
-        adapter.lora_B.weight.copy_(b)
+    if getattr(base, "_residuals", None) is None:
+        base._residuals = Residuals(base.source, base.spec.revision)
+    return base._residuals
 
 
 def remove(base: Base, slot: str) -> None:

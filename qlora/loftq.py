@@ -71,9 +71,36 @@ class FullWeights:
             return f.get_tensor(key).to(torch.float32)
 
 
-def loftq_factors(residual: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B), r x in and out x r, with scale B A the best rank-r approximation of `residual`."""
-    u, s, vh = torch.linalg.svd(residual.to(torch.float32), full_matrices=False)
+class Residuals:
+    """The quantization error of a loaded base's linears, as the leading part of its SVD, computed
+    once per module and base: every LoftQ trial of the base (any rank, seed or pack) slices the
+    same decomposition, so K trials cost one SVD per module, not K, and a trial's start does not
+    depend on which trials came before it. What is kept is one adapter's worth per module: the
+    top r components for the largest r asked so far (on the CPU)."""
+
+    def __init__(self, source: str, revision: str | None = None) -> None:
+        self.full = FullWeights(source, revision)
+        self._svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def factors(self, path: str, layer: torch.nn.Module, r: int,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """LoftQ's (A, B) for a rank-`r` adapter scaled by `scale` on the linear at `path`."""
+        cached = self._svd.get(path)
+        k = 0 if cached is None else cached[1].shape[0]
+        if cached is None or (k < r and k < min(layer.in_features, layer.out_features)):
+            q = dequantized(layer)
+            residual = self.full.weight(path).to(q.device) - q
+            u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+            cached = (u[:, :r].cpu(), s[:r].cpu(), vh[:r].cpu())
+            self._svd[path] = cached
+        return loftq_factors(cached, r, scale)
+
+
+def loftq_factors(svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], r: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B), r x in and out x r, with scale B A the best rank-r approximation of the matrix
+    whose (leading) SVD is `svd` = (U, S, V^T)."""
+    u, s, vh = svd
     root = (s[:r] / scale).sqrt()
     a = root[:, None] * vh[:r]
     b = u[:, :r] * root[None, :]

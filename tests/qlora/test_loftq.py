@@ -10,8 +10,9 @@ from support.engine import DATA, make_base
 
 from qlora import TrialSpec, adapter_logits, train_pack, write_adapter
 from qlora.adapters import adapter_layers, inject, load_adapter_state, remove
+from qlora.base import dequantized
 from qlora.export import PEFT_PREFIX, WEIGHTS_NAME, dequantized_model, merge_adapter
-from qlora.loftq import FullWeights, dequantized, residual_error
+from qlora.loftq import FullWeights, residual_error
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
@@ -89,3 +90,20 @@ def test_merged_loftq_adapter_is_q_plus_scale_b_a(data, tmp_path, quant):
         assert ((after - ours).abs().max() / scale).item() <= 1e-4
         assert ((before - ours).abs().max() / scale).item() > 1e-2  # the adapter matters
     remove(base, "check")
+
+
+def test_loftq_trials_share_one_svd_per_module_and_start_as_alone():
+    """K LoftQ trials of a base cost one SVD per module (kept for the largest rank asked), and a
+    trial's start is the same whether its base computed the SVD for it or for a larger rank."""
+    base = make_base(gc=False)
+    inject(base, "big", TrialSpec(trial_id="big", r=16, init="loftq"))
+    inject(base, "small", TrialSpec(trial_id="small", r=4, alpha=8.0, init="loftq"))
+    kept = base._residuals._svd
+    assert len(kept) == 14 and {s.shape[0] for _, s, _ in kept.values()} == {16}
+    fresh = make_base(gc=False)
+    inject(fresh, "small", TrialSpec(trial_id="small", r=4, alpha=8.0, init="loftq"))
+    assert {s.shape[0] for _, s, _ in fresh._residuals._svd.values()} == {4}
+    for path, layer in adapter_layers(fresh, "small").items():
+        mine, theirs = layer.adapters["small"], base.layers[path].adapters["small"]
+        assert torch.equal(mine.lora_A.weight, theirs.lora_A.weight)
+        assert torch.equal(mine.lora_B.weight, theirs.lora_B.weight)
