@@ -86,8 +86,8 @@ class PackWorker:
         self._index = index
         self._queue = queue
         self._base = None
-        self._loads = 0
-        self._bits: float | None = None  # storage bits per weight of the loaded base's linears  # bases loaded so far (backfill and reuse keep this low)
+        self._loads = 0  # bases loaded so far (backfill and reuse keep this low)
+        self._bits: float | None = None  # storage bits per weight of the loaded base's linears
         self._rss0 = None
 
     def warm(self) -> None:
