@@ -32,7 +32,6 @@ import json
 import math
 import platform
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -111,12 +110,14 @@ def table1(n_windows: int, window: int) -> list[dict]:
 ANSWER_TOKENS = 16  # the bundled tasks' answers are a few tokens; eos ends most sooner
 
 
-def _trials(steps: int, data: DataSpec, n_answers: int) -> list[TrialSpec]:
-    return [TrialSpec(trial_id=f"r{r}-lr{lr:.0e}", seed=k, r=r, alpha=a, learning_rate=lr,
-                      max_steps=steps, micro_batch_size=4, warmup_steps=2, dropout=0.05,
-                      optimizer="adamw", eval_samples=n_answers,
-                      eval_max_new_tokens=ANSWER_TOKENS, data=data)
-            for k, (r, a, lr) in enumerate(TRIALS)]
+def _trials(steps: int, data: DataSpec, n_answers: int, grid: list = TRIALS, seed: int = 0,
+            **knobs) -> list[TrialSpec]:
+    """The tables' trials: one per (r, alpha, lr) of `grid`, trial k seeded 100 x seed + k."""
+    return [TrialSpec(trial_id=f"r{r}-lr{lr:.0e}", seed=100 * seed + k, r=r, alpha=a,
+                      learning_rate=lr, max_steps=steps, micro_batch_size=4, warmup_steps=2,
+                      dropout=0.05, optimizer="adamw", eval_samples=n_answers,
+                      eval_max_new_tokens=ANSWER_TOKENS, data=data, **knobs)
+            for k, (r, a, lr) in enumerate(grid)]
 
 
 def table2(steps: int, n_eval: int, n_answers: int) -> dict:
@@ -164,17 +165,15 @@ FIRST_EVAL = 20  # today's table 2 length
 def run_setting(label: str, steps: int, n_eval: int, n_answers: int, seed: int = 0) -> dict:
     """One setting of table 3 in this process: its base, its trials as one pack, the eval loss
     and exact match of each trial at every evaluation, bits per weight, peak memory."""
+    from qlora.base import load_tokenizer
     from qlora.memory import peak_bytes, reset_peak, rss_bytes
 
     _, quant, dq, init = next(s for s in SETTINGS if s[0] == label)
     data = DataSpec(seq_len=64, max_eval_examples=n_eval)
-    trials = [TrialSpec(trial_id=f"r{r}-lr{lr:.0e}", seed=100 * seed + k, r=r, alpha=a, learning_rate=lr,
-                        max_steps=steps, micro_batch_size=4, warmup_steps=2, dropout=0.05,
-                        optimizer="adamw", lr_schedule="constant", init=init,
-                        eval_every=min(FIRST_EVAL, steps), eval_samples=n_answers,
-                        eval_max_new_tokens=ANSWER_TOKENS, data=data)
-              for k, (r, a, lr) in enumerate(CHOICE_TRIALS)]
-    load_data(data, load_base_tokenizer(quant))  # tokenized and cached before the peak starts
+    trials = _trials(steps, data, n_answers, CHOICE_TRIALS, seed, lr_schedule="constant",
+                     init=init, eval_every=min(FIRST_EVAL, steps))
+    # Tokenized and cached before the peak starts (the tokenizer does not depend on storage).
+    load_data(data, load_tokenizer(BaseSpec(name_or_path=MODEL)))
     rss0 = rss_bytes()
     reset_peak()
     started = time.time()
@@ -206,12 +205,6 @@ def _give_back_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc: the training peak then includes what the load left freed
         pass
-
-
-def load_base_tokenizer(quant: str):
-    from qlora.base import load_tokenizer
-
-    return load_tokenizer(BaseSpec(name_or_path=MODEL, quant_type=quant))
 
 
 def table3(steps: int, n_eval: int, n_answers: int, seed: int = 0) -> list[dict]:
@@ -363,8 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     if opts.combine:
         print(combine(opts.combine))
         return 0
-    # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16 (what int8 does)
-    warnings.filterwarnings("ignore", message="MatMul8bitLt")
     if opts.quick:
         opts.windows, opts.window, opts.steps, opts.eval, opts.answers = 2, 64, 2, 8, 4
     if opts.setting:  # one setting of table 3, its row as the last line of stdout

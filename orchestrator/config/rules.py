@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from qlora.config import LOFTQ_QUANT_TYPES
+
 STRATEGIES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha")
 #: Strategies that draw trials, and so take ranges {low, high} and need `sweep.num_trials`.
@@ -28,8 +30,6 @@ def loftq_error(quant_type: str, init: str) -> str | None:
     """Why `lora.init` cannot start on a `quant.type` base, or None: LoftQ fits the base's
     quantization error, and a 16-bit base has none (its adapter would start at zero, and a
     zero A and B never train)."""
-    from qlora.config import LOFTQ_QUANT_TYPES
-
     if init == "loftq" and quant_type not in LOFTQ_QUANT_TYPES:
         return (f"loftq needs a quantized base (quant.type one of {', '.join(LOFTQ_QUANT_TYPES)}); "
                 f"quant.type={quant_type} has no quantization error to start from")
