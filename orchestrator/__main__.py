@@ -6,7 +6,8 @@ unknown key, a bad value, a missing file, a server that is down) ends in one lin
 `error: <key>: <what is wrong>`, and exit status 2, before Ray or MLflow start.
 
 Exit status: 0 every trial finished, 1 a trial failed, 2 a bad config or an unreachable service,
-130 interrupted by Ctrl-C (the command that resumes the sweep is printed).
+3 the cluster or the tracking server went away mid-sweep, 130 interrupted by Ctrl-C (for 3 and
+130 the command that resumes the sweep is printed).
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
 def check(overrides: list[str]) -> Config:
     """The validated config of `overrides` after the preflight checks, or `ConfigError`."""
-    from orchestrator.config.preflight import preflight
     from orchestrator.config.validate import validate
+    from orchestrator.preflight import preflight
 
     config = validate(compose(overrides))
     preflight(config)
@@ -70,8 +71,8 @@ def _task(cfg: Any) -> int:
     """One Hydra job: validate (cheap), check once, then run the sweep and record its status."""
     from hydra.core.hydra_config import HydraConfig
 
-    from orchestrator.config.preflight import preflight
     from orchestrator.config.validate import check_overrides, validate
+    from orchestrator.preflight import preflight
 
     try:
         config = validate(cfg)

@@ -27,6 +27,7 @@ from orchestrator.tracking.keys import (
     CHAMPION_ALIAS,
     NOTE_TAG,
     REGISTERED_TAG,
+    REPORT_DIR,
 )
 from orchestrator.tracking.tracker import Tracker
 from qlora.config import TrialStatus
@@ -104,16 +105,12 @@ def _log_figures(tracker: Tracker, fig: dict) -> None:
     keys = ("best_eval_loss", f"best_{fig['objective']}", "training_steps",
             "training_steps_if_all_ran", "steps_ratio")
     metrics = {k: fig[k] for k in keys if fig[k] is not None}
-    for key, value in metrics.items():
-        tracker.client.log_metric(tracker.parent_run_id, key, float(value))
+    tracker.log_sweep_metrics(metrics)
 
 
 def _register(config: Config, tracker: Tracker, best: dict, done: Finish) -> None:
-    from orchestrator.tracking.registry import register_best
-
     name = config.tracking.register_as
-    version = register_best(tracker.client, name, best, sweep=config.sweep.name,
-                            parent_run_id=tracker.parent_run_id, objective=Objective.of(config))
+    version = tracker.register(name, best, sweep=config.sweep.name, objective=Objective.of(config))
     uri = f"models:/{name}/{version.version}"
     tracker.set_sweep_tags({REGISTERED_TAG: uri})
     done.summary["registered"] = {"name": name, "version": int(version.version),
@@ -127,7 +124,8 @@ def _report(tracker: Tracker, out_dir: Path, done: Finish) -> None:
     from orchestrator.report import report_for
 
     parent = tracker.client.get_run(tracker.parent_run_id)
-    paths = report_for(tracker.client, parent, out_dir, log=True)
+    paths = report_for(tracker.client, parent, out_dir, log=False)
+    tracker.log_sweep_files(paths, REPORT_DIR)
     done.summary["report"] = [str(p) for p in paths]
     done.lines += [f"report:     {path} (and report/ on the parent run)" for path in paths]
 

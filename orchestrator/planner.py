@@ -15,27 +15,13 @@ the estimate again against its free memory before it loads anything (`PackWorker
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
-from qlora.config import BaseSpec, stable_hash
+from orchestrator.cluster.pack import MARGIN, Pack, estimate_bytes
+from orchestrator.search.trials import Trial, pack_key
+from qlora.config import stable_hash
 
-if TYPE_CHECKING:
-    from orchestrator.search.trials import Trial
-
-#: The share of a budget kept free for what the estimate leaves out (allocator slack, fragmentation).
-MARGIN = 0.15
-
-
-@dataclass
-class Pack:
-    """Trials trained together on one worker over one shared base."""
-
-    pack_id: str
-    base: BaseSpec
-    trials: list[Trial]
+__all__ = ["MARGIN", "Pack", "estimate_bytes", "fitting", "pack_key", "plan"]
 
 
 def plan(trials: list[Trial], max_adapters: int, num_workers: int,
@@ -81,28 +67,6 @@ def fitting(group: list[Trial], max_adapters: int, budget: int, device_type: str
            and estimate_bytes(group[0].base, specs[:k + 1], device_type) * (1 + MARGIN) <= budget):
         k += 1
     return k
-
-
-def estimate_bytes(base: BaseSpec, specs: list, device_type: str) -> int:
-    """`qlora.estimate_memory`'s total for these trial specs as one pack (shapes read once)."""
-    from qlora import estimate_memory
-
-    return estimate_memory(base, specs, _shapes(base), device_type=device_type).total
-
-
-@functools.lru_cache(maxsize=8)
-def _shapes(base: BaseSpec) -> dict:
-    from qlora.base import resolve_source
-    from qlora.memory import model_shapes
-
-    return model_shapes(resolve_source(base), base.trust_remote_code)
-
-
-def pack_key(base: BaseSpec, seq_len: int) -> str:
-    """Which trials may share a pack: the same frozen weights under the same memory options
-    (the whole BaseSpec, so trials differing only in gradient checkpointing or offload do not
-    run under the other's setting) and the same sequence length (one batch shape per pack)."""
-    return stable_hash([asdict(base), seq_len], 16)
 
 
 def _num_packs(n: int, max_adapters: int, num_workers: int) -> int:

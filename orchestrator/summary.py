@@ -2,7 +2,8 @@
 
 `record_trial` writes a finished pack's trial to disk and to MLflow and returns its row;
 `with_finished` adds the rows of trials an earlier driver finished (resume); `write_summary`
-writes `<output_dir>/<sweep>/summary.json` atomically.
+writes `<output_dir>/<sweep>/<run>/summary.json` atomically (`<run>`: the sweep run's folder,
+`orchestrator.sweep.run_folder`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def record_trial(trial: Trial, result: TrialResult, outcome: PackOutcome, tracke
                  folder: Path, stop=None, storage_root: str | None = None) -> dict:
     """Save a trial's adapter locally, end its run in MLflow, and return its summary row.
 
-    `stop` (an `orchestrator.asha.Stop`) says at which rung and why the search stopped it.
+    `stop` (an `orchestrator.search.asha.Stop`) says at which rung and why the search stopped it.
     With a `storage_root` (cluster.storage), the adapter is copied there too
     (`orchestrator.cluster.storage.copy_adapter`) before it goes to the tracker.
     """

@@ -52,17 +52,19 @@ from orchestrator.cluster.events import (
     TrialEnded,
     WorkersWaiting,
 )
+from orchestrator.cluster.lost import SweepLost
 from orchestrator.config.compose import multirun_job, override_key
-from orchestrator.config.errors import ConfigError, SweepLost
+from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import Config
 from orchestrator.console import Console
 from orchestrator.finish import finish_sweep
 from orchestrator.planner import Pack
 from orchestrator.search.expand import expand, skipped
 from orchestrator.search.objective import Objective
+from orchestrator.search.params import normalize
 from orchestrator.search.resume_trial import resume_config, resume_path
-from orchestrator.search.run import SearchRun
 from orchestrator.search.trials import Trial
+from orchestrator.search_run import SearchRun
 from orchestrator.summary import (
     folder_for,
     folder_names,
@@ -98,7 +100,7 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
     """
     cluster = cluster or start_connect(config.cluster)
     try:
-        config = resume_config(config)  # resume=PATH: that one trial, from its folder
+        config = resume_config(normalize(config))  # resume=PATH: that one trial, from its folder
         trials = expand(config)
         tracker = _open_tracker(config)
     except BaseException as e:

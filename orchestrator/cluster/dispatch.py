@@ -35,9 +35,9 @@ from orchestrator.cluster.events import (
     first_line,
 )
 from orchestrator.cluster.faults import after_lost_worker, after_oom, lost_pack
+from orchestrator.cluster.lost import SweepLost
+from orchestrator.cluster.pack import Pack
 from orchestrator.cluster.worker import PackWorker
-from orchestrator.config.errors import SweepLost
-from orchestrator.planner import Pack
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class _Slot:
 
 def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_S, *,
              checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-             max_retries: int = 0, coordinator=None,
+             max_retries: int = 0, hooks=None,
              refill: Callable[[], list[Pack]] | None = None,
              lost_timeout_s: float = LOST_TIMEOUT_S) -> Iterator[list[Event]]:
     """Run `packs` on up to `plan.num_workers` workers; yield the events of each poll interval.
@@ -74,8 +74,9 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
     module's Faults). Workers and the queue are torn down when the generator finishes or is
     closed. Raises `SweepLost` when packs wait and no worker is placed for `lost_timeout_s`.
 
-    A search (orchestrator.search.run) may pass a `coordinator` actor, handed to every pack
-    (early stopping and backfill), and `refill`, asked for more packs whenever a worker is idle
+    A search (orchestrator.search_run) may pass `hooks`, handed to every pack (its
+    `for_pack(pack_id, base, specs)` gives the engine's callbacks: early stopping, exploit,
+    backfill), and `refill`, asked for more packs whenever a worker is idle
     and none is waiting (Optuna's next round); the loop ends when neither has anything left.
     """
     if not packs:
@@ -100,7 +101,7 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
                 slot, pack = idle.popleft(), todo.popleft()
                 ref = slots[slot].worker.run_pack.remote(
                     pack.pack_id, pack.base, [t.spec for t in pack.trials], checkpoint_dir,
-                    checkpoint_every, coordinator)
+                    checkpoint_every, hooks)
                 running[ref] = (slot, pack)
             placing = {s.placing: i for i, s in enumerate(slots) if s.placing is not None}
             ready, _ = ray.wait([*running, *placing], num_returns=1, timeout=poll_s)

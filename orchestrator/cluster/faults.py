@@ -26,7 +26,7 @@ from orchestrator.cluster.events import (
     first_line,
     trial_result,
 )
-from orchestrator.planner import Pack
+from orchestrator.cluster.pack import Pack
 from qlora.config import TrialStatus
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from orchestrator.config.errors import ConfigError
+from orchestrator.config.rules import is_uri
 
 KEY = "cluster.storage"
 CREDENTIALS_HINT = {
@@ -34,29 +35,6 @@ CREDENTIALS_HINT = {
 #: A storage check must fail in seconds, not after botocore's minute of retries.
 PROBE_OPTIONS = {"s3": {"config_kwargs": {"connect_timeout": 5, "read_timeout": 10,
                                           "retries": {"max_attempts": 1}}}}
-
-
-def is_uri(storage: str | None) -> bool:
-    return storage is not None and "://" in storage and not storage.startswith("file://")
-
-
-def config_error(value: str | None, checkpoint_dir: str | None) -> str | None:
-    """Why `value` cannot be a `cluster.storage` beside this `cluster.checkpoint_dir` (None: it
-    can). Checked by validate()."""
-    if value is None:
-        return None
-    if checkpoint_dir is not None:
-        return ("exclusive with cluster.checkpoint_dir: give one (cluster.storage puts "
-                "checkpoints under <storage>/checkpoints)")
-    if not is_uri(value):
-        return None
-    parsed = urlparse(value)
-    if not parsed.scheme or not parsed.netloc:
-        return f"{value!r} is not SCHEME://BUCKET[/PREFIX]"
-    if "@" in parsed.netloc:
-        return ("credentials do not belong in the URI (they would be logged): give them in the "
-                "environment (AWS_ACCESS_KEY_ID, ...) or the library's config files")
-    return None
 
 
 def root(storage: str | None) -> str | None:

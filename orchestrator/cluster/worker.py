@@ -120,18 +120,18 @@ class PackWorker:
 
     def run_pack(self, pack_id: str, base_spec: BaseSpec, specs: list[TrialSpec],
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-                 coordinator=None) -> PackOutcome:
+                 hooks=None) -> PackOutcome:
         """Train `specs` together, each from its checkpoint under `checkpoint_dir` if it has one.
 
         An engine exception fails the trials that had not ended; out of device memory instead
         marks the outcome `oom`, with those trials `interrupted`, for the driver to split.
-        With a `SearchCoordinator` (orchestrator.search.coordinator), trials may be stopped early and
-        freed slots are backfilled with waiting trials; their results are in the outcome too.
+        With `hooks` (a search's, e.g. `orchestrator.search.coordinator.CoordinatorHooks`), whose
+        `for_pack` gives this pack's callbacks, trials may be stopped early and freed slots are
+        backfilled with waiting trials; their results are in the outcome too.
         """
         import torch
 
-        from orchestrator.planner import estimate_bytes
-        from orchestrator.search.coordinator import WorkerHooks
+        from orchestrator.cluster.pack import estimate_bytes
         from qlora import train_pack
         from qlora.memory import peak_bytes, reset_peak
 
@@ -152,8 +152,7 @@ class PackWorker:
         emitter = _Emitter(self._queue)
         emitter.emit(PackStarted(pack_id, placement, started))
         ended: dict[str, object] = {}
-        hooks = (WorkerHooks(coordinator, pack_id, base_spec, specs)
-                 if coordinator is not None else None)
+        hooks = hooks.for_pack(pack_id, base_spec, specs) if hooks is not None else None
         loads = self._loads
 
         def on_metrics(trial_id: str, step: int, metrics: dict) -> bool:
@@ -199,7 +198,7 @@ class PackWorker:
         """Why a pack of several trials would not fit this GPU's free memory (None: it fits)."""
         import torch
 
-        from orchestrator.planner import MARGIN
+        from orchestrator.cluster.pack import MARGIN
 
         # Memory this worker holds (a kept base) is free to the pack too.
         available = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()

@@ -69,7 +69,7 @@ def _translate(e: Exception, overrides: list[str]) -> ConfigError:
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
-    from orchestrator.config.validate import unknown_key
+    from orchestrator.config.coerce import unknown_key
 
     if isinstance(e, ConfigError):
         return e

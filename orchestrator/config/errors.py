@@ -16,14 +16,3 @@ class ConfigError(ValueError):
         self.key = key
         self.message = " ".join(str(message).split())
         super().__init__(f"{key}: {self.message}")
-
-
-class SweepLost(RuntimeError):
-    """The sweep cannot go on: no node could host a worker for `cluster.lost_timeout_s`, or the
-    tracking server stopped answering. Open runs end KILLED with `reason`; the CLI prints the
-    command that resumes and exits with status 3."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        self.key = key
-        self.reason = " ".join(str(reason).split())
-        super().__init__(self.reason)

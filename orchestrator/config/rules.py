@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 from qlora.config import LOFTQ_QUANT_TYPES
 
@@ -24,6 +25,8 @@ BASE_ONLY_TRAIN_KEYS = ("gradient_checkpointing", "activation_offload")
 SWEEP_WIDE_TRAIN_KEYS = ("checkpoint_every", "inject_oom_at_step")
 RANGE_KEYS = ("low", "high", "log", "type")
 DB_SCHEMES = ("postgresql", "mysql", "mssql")  # MLflow's other SQLAlchemy backends
+#: The metrics every evaluation logs; a user metric `eval.metric=pkg.mod:fn` adds `eval_fn`.
+BUILTIN_OBJECTIVES = ("eval_loss", "eval_exact_match", "eval_token_f1")
 
 
 def loftq_error(quant_type: str, init: str) -> str | None:
@@ -33,6 +36,29 @@ def loftq_error(quant_type: str, init: str) -> str | None:
     if init == "loftq" and quant_type not in LOFTQ_QUANT_TYPES:
         return (f"loftq needs a quantized base (quant.type one of {', '.join(LOFTQ_QUANT_TYPES)}); "
                 f"quant.type={quant_type} has no quantization error to start from")
+    return None
+
+
+def is_uri(storage: str | None) -> bool:
+    return storage is not None and "://" in storage and not storage.startswith("file://")
+
+
+def storage_error(value: str | None, checkpoint_dir: str | None) -> str | None:
+    """Why `value` cannot be a `cluster.storage` beside this `cluster.checkpoint_dir` (None: it
+    can). Checked by `orchestrator.config.validate`."""
+    if value is None:
+        return None
+    if checkpoint_dir is not None:
+        return ("exclusive with cluster.checkpoint_dir: give one (cluster.storage puts "
+                "checkpoints under <storage>/checkpoints)")
+    if not is_uri(value):
+        return None
+    parsed = urlparse(value)
+    if not parsed.scheme or not parsed.netloc:
+        return f"{value!r} is not SCHEME://BUCKET[/PREFIX]"
+    if "@" in parsed.netloc:
+        return ("credentials do not belong in the URI (they would be logged): give them in the "
+                "environment (AWS_ACCESS_KEY_ID, ...) or the library's config files")
     return None
 
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from orchestrator.planner import pack_key
 from orchestrator.search.asha import Asha, Stop
 from orchestrator.search.objective import Objective
+from orchestrator.search.trials import pack_key
 from qlora.config import BaseSpec, TrialSpec
 
 
@@ -153,3 +153,14 @@ class WorkerHooks:
 
     def on_trial_end(self, trial_id: str) -> None:
         self._coordinator.ended.remote(trial_id)  # fire and forget
+
+
+class CoordinatorHooks:
+    """What the driver hands every pack (through `dispatch`): the coordinator actor's handle, and
+    `for_pack`, the engine's callbacks for one pack (a `WorkerHooks`), built in the worker."""
+
+    def __init__(self, coordinator):
+        self.coordinator = coordinator
+
+    def for_pack(self, pack_id: str, base: BaseSpec, specs: list[TrialSpec]) -> WorkerHooks:
+        return WorkerHooks(self.coordinator, pack_id, base, specs)

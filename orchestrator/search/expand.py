@@ -21,7 +21,7 @@ from typing import Any
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.rules import loftq_error
 from orchestrator.config.schema import Config
-from orchestrator.config.validate import sweep_params
+from orchestrator.search.params import sweep_params
 from orchestrator.search.trials import (
     Trial,
     apply,

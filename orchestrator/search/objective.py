@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-#: The metrics every evaluation logs; a user metric `eval.metric=pkg.mod:fn` adds `eval_fn`.
-BUILTIN_OBJECTIVES = ("eval_loss", "eval_exact_match", "eval_token_f1")
 MODES = ("min", "max")
 
 

@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 from orchestrator.config.schema import Config
+from orchestrator.search.params import sweep_params
 from orchestrator.search.trials import Trial, apply, make_trial, snap, trial_id
 from qlora.config import TrialStatus
 
@@ -48,7 +49,7 @@ class OptunaSearch:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.cfg = cfg
-        self.space = dict(cfg.sweep.params)
+        self.space = sweep_params(cfg.sweep)  # normalized (ranges with log and type)
         self.budget = cfg.sweep.num_trials or 1
         sampler = optuna.samplers.TPESampler(seed=cfg.seed,
                                              n_startup_trials=cfg.sweep.optuna.startup_trials)

@@ -12,7 +12,7 @@ import functools
 import math
 import os
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from orchestrator.config.errors import ConfigError
@@ -188,3 +188,10 @@ def fmt_number(x: float | int, digits: int = DIGITS) -> str:
         mantissa = mantissa.rstrip("0").rstrip(".")
         return f"{mantissa}e{int(exponent)}"
     return f"{x:.{digits}g}"
+
+
+def pack_key(base: BaseSpec, seq_len: int) -> str:
+    """Which trials may share a pack: the same frozen weights under the same memory options
+    (the whole BaseSpec, so trials differing only in gradient checkpointing or offload do not
+    run under the other's setting) and the same sequence length (one batch shape per pack)."""
+    return stable_hash([asdict(base), seq_len], 16)

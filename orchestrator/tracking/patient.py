@@ -23,7 +23,7 @@ from collections import deque
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from orchestrator.config.errors import SweepLost
+from orchestrator.cluster.lost import SweepLost
 
 #: MLflow's own settings for a tracking server: a request that gets no answer fails after one
 #: quick retry and 10 s at most (PatientClient tries it again).

@@ -18,11 +18,8 @@ trials) otherwise, so the runs list flags a sweep that needs a look. If the driv
 `Tracker` as a context manager ends every run still RUNNING: KILLED for Ctrl-C and for a lost
 cluster or server (`SweepLost`, resumable), else FAILED.
 
-Resume. MLflow is the sweep's ledger: `find_unfinished_sweep` finds the latest parent of the same
-name that is not FINISHED, and `resume_sweep` continues it in place: a trial whose child run is
-FINISHED is done; every other child is set RUNNING again and logged into (no trial gets a second
-run; the points it already holds are not logged twice); trials new to the sweep get a child.
-Counters on a child: `qlora.restarts` (sent again after a lost worker), `qlora.oom_splits`.
+Resume: `orchestrator.tracking.resume` (a part of `Tracker`). Counters on a child:
+`qlora.restarts` (sent again after a lost worker), `qlora.oom_splits`.
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from orchestrator.config.errors import SweepLost
+from orchestrator.cluster.lost import SweepLost
 from orchestrator.config.schema import Config, TrackingCfg
 from orchestrator.tracking.keys import (
     ADAPTER_DIR,
@@ -52,7 +49,6 @@ from orchestrator.tracking.keys import (
     OOM_SPLITS_TAG,
     PARENT_TAG,
     RESTARTS_TAG,
-    RESUMES_TAG,
     ROLE_SWEEP,
     ROLE_TAG,
     ROLE_TRIAL,
@@ -73,6 +69,7 @@ from orchestrator.tracking.keys import (
     trial_params,
 )
 from orchestrator.tracking.patient import PatientClient
+from orchestrator.tracking.resume import Resuming
 from qlora.config import TrialStatus
 from qlora.metrics import SAMPLES
 
@@ -81,7 +78,7 @@ if TYPE_CHECKING:
     from qlora import TrialResult
 
 
-class Tracker:
+class Tracker(Resuming):
     """Writes one sweep to MLflow from the driver. Use as a context manager."""
 
     def __init__(self, tracking: TrackingCfg):
@@ -127,61 +124,6 @@ class Tracker:
         """A RUNNING child run for a trial proposed after the sweep started (Optuna's rounds)."""
         self._new_child(trial)
 
-    def find_unfinished_sweep(self, name: str):
-        """The latest parent run named `name` in the experiment that is not FINISHED, or None."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}' and attributes.run_name = '{name}'",
-            order_by=["attributes.start_time DESC"], max_results=1000)
-        return next((r for r in runs if r.info.status != "FINISHED"), None)
-
-    def resume_sweep(self, parent, config: Config, trials: list[Trial],
-                     extra_params: dict | None = None) -> dict:
-        """Continue the sweep of the parent run `parent` with `trials`; returns the FINISHED child
-        runs by trial id (their trials are not to run again).
-
-        The parent and every other child of these trials are set RUNNING again; a child of the
-        parent that is no trial of this sweep and was left RUNNING by a lost driver ends KILLED.
-        """
-        self.parent_run_id = parent_id = parent.info.run_id
-        self.client.update_run(parent_id, status="RUNNING")
-        self._runs_view()
-        self._open.add(parent_id)
-        self._forget_end(parent)
-        resumes = int(parent.data.tags.get(RESUMES_TAG, "0")) + 1
-        self._set_tags(parent_id, {RESUMES_TAG: str(resumes)})
-        params = sweep_params(config, len(trials), extra_params)
-        self._log_params(parent_id, {k: v for k, v in params.items() if k not in parent.data.params})
-        children: dict[str, object] = {}
-        others = []
-        for run in self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
-                order_by=["attributes.start_time ASC"], max_results=50000):
-            tid = run.data.tags.get(TRIAL_ID_TAG)
-            kept = children.get(tid)
-            if tid is None or (kept is not None and kept.info.status == "FINISHED"):
-                others.append(run)
-                continue
-            if kept is not None:
-                others.append(kept)
-            children[tid] = run
-        done = {}
-        for trial in trials:
-            run = children.pop(trial.trial_id, None)
-            if run is None:
-                self._new_child(trial)
-            elif run.info.status == "FINISHED":
-                done[trial.trial_id] = run
-                self.run_ids[trial.trial_id] = run.info.run_id
-            else:
-                self._reopen_child(trial, run)
-        for run in [*others, *children.values()]:
-            if run.info.status == "RUNNING":
-                self._set_tags(run.info.run_id, {
-                    FAILURE_TAG: "orphaned: its driver was lost and resume=true did not continue it"})
-                self.client.set_terminated(run.info.run_id, status="KILLED")
-        return done
-
     def count(self, trial_id: str, tag: str) -> int:
         """Add one to a trial's counter tag (`RESTARTS_TAG`, `OOM_SPLITS_TAG`), shown at once."""
         value = self._counts.get((trial_id, tag), 0) + 1
@@ -197,6 +139,24 @@ class Tracker:
     def set_sweep_tags(self, tags: dict[str, str]) -> None:
         """Tags on the parent run."""
         self._set_tags(self.parent_run_id, tags)
+
+    def log_sweep_metrics(self, metrics: dict[str, float]) -> None:
+        """Metrics on the parent run (the search's figures), at step 0."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.parent_run_id, metrics=[
+            Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+    def log_sweep_files(self, paths: list[Path], folder: str) -> None:
+        """Files attached to the parent run under `folder` (the report's figures)."""
+        for path in paths:
+            self.client.log_artifact(self.parent_run_id, str(path), folder)
+
+    def register(self, name: str, row: dict, *, sweep: str, objective=None):
+        """Register the summary row `row` as `models:/name@champion`; the model version."""
+        from orchestrator.tracking.registry import register_best
+
+        return register_best(self.client, name, row, sweep=sweep,
+                             parent_run_id=self.parent_run_id, objective=objective)
 
     def log_metrics(self, trial_id: str, step: int, metrics: dict[str, float],
                     timestamp: float | None = None) -> None:
@@ -341,28 +301,6 @@ class Tracker:
         self.run_ids[trial.trial_id] = run_id
         self._open.add(run_id)
         self._log_params(run_id, trial_params(trial))
-
-    def _reopen_child(self, trial: Trial, run) -> None:
-        """Log into an unfinished trial's run again, knowing which points it already holds."""
-        run_id, tid = run.info.run_id, trial.trial_id
-        self.client.update_run(run_id, status="RUNNING")
-        self.run_ids[tid] = run_id
-        self._open.add(run_id)
-        self._forget_end(run)
-        params = trial_params(trial)
-        self._log_params(run_id, {k: v for k, v in params.items() if k not in run.data.params})
-        for key in run.data.metrics:
-            for m in self.client.get_metric_history(run_id, key):
-                self._logged.add((tid, key, int(m.step)))
-        for tag in (RESTARTS_TAG, OOM_SPLITS_TAG):
-            if tag in run.data.tags:
-                self._counts[(tid, tag)] = int(run.data.tags[tag])
-
-    def _forget_end(self, run) -> None:
-        # The tags of an earlier end would contradict a run that is RUNNING again.
-        for tag in (FAILURE_TAG, STATUS_TAG):
-            if tag in run.data.tags:
-                self.client.delete_tag(run.info.run_id, tag)
 
     def _experiment(self, tracking: TrackingCfg) -> str:
         exp = self.client.get_experiment_by_name(tracking.experiment)

@@ -17,6 +17,7 @@ import pytest
 
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.validate import validate
+from orchestrator.search.params import normalize
 
 REPO = Path(__file__).resolve().parents[3]
 GOOD_ROW = '{"instruction": "Say hi.", "input": "", "output": "hi"}\n'
@@ -266,7 +267,7 @@ def test_known_model_that_cannot_be_fetched(tmp_path):
 ])
 def test_validate_names_the_key(data, key):
     with pytest.raises(ConfigError) as info:
-        validate(data)
+        normalize(validate(data))  # a sweep's params are checked by search's normalize
     assert info.value.key == key
     assert str(info.value).startswith(f"{key}: ")
     assert "\n" not in str(info.value)

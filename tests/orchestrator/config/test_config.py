@@ -179,7 +179,7 @@ def test_config_yaml_is_written_from_the_schema():
 def test_help_lists_every_key_with_its_default_and_what_it_allows(tmp_path):
     import dataclasses
 
-    from orchestrator.config.validate import rule_of
+    from orchestrator.config.coerce import rule_of
 
     out = _cli(["--help"], tmp_path)
     assert out.returncode == 0, out.stderr

@@ -112,7 +112,7 @@ def test_backfill_runs_more_trials_than_slots_on_one_base(ray_session, tmp_path)
     from orchestrator.cluster.dispatch import dispatch
     from orchestrator.cluster.events import PackOutcome
     from orchestrator.planner import Pack, pack_key
-    from orchestrator.search.coordinator import SearchCoordinator
+    from orchestrator.search.coordinator import CoordinatorHooks, SearchCoordinator
     from orchestrator.search.expand import expand
 
     cfg = tiny_sweeps.config(tmp_path, tiny_sweeps.asha_sweep())
@@ -126,7 +126,7 @@ def test_backfill_runs_more_trials_than_slots_on_one_base(ray_session, tmp_path)
     workers = connect(cfg.cluster)
     try:
         outcomes = [ev for events in dispatch([Pack("p-slots", first[0].base, first)], workers,
-                                              coordinator=coordinator)
+                                              hooks=CoordinatorHooks(coordinator))
                     for ev in events if isinstance(ev, PackOutcome)]
         assert ray.get(coordinator.waiting.remote()) == {}  # every waiting trial was taken
     finally:

@@ -15,13 +15,14 @@ from orchestrator.config.compose import compose
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.validate import validate
 from orchestrator.search.expand import expand
+from orchestrator.search.params import normalize
 from orchestrator.search.trials import apply, fmt_number, trial_id, trial_seed
 
 
 @functools.cache
 def _config(*overrides: str):
     """The validated config of `overrides` (cached: composing costs ~0.1 s; nothing mutates it)."""
-    return validate(compose(list(overrides)))
+    return normalize(validate(compose(list(overrides))))
 
 
 def _random(seed: int, num_trials: int, params: str):
@@ -89,7 +90,7 @@ def _tweak(override: str):
     for section in sections:
         node = node[section]
     node[leaf] = value
-    return validate(data)
+    return normalize(validate(data))
 
 
 def test_tweak_matches_hydra():

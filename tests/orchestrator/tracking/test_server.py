@@ -9,7 +9,7 @@ import time
 import pytest
 from support.servers import MlflowServer
 
-from orchestrator.config.errors import SweepLost
+from orchestrator.cluster.lost import SweepLost
 from orchestrator.config.schema import Config, SweepDef, TrackingCfg
 from orchestrator.search.expand import expand
 from orchestrator.tracking.keys import TRAIN_LOSS

@@ -26,7 +26,7 @@ from orchestrator.config.rules import parse_bytes
 from orchestrator.config.schema import Config
 from orchestrator.planner import Pack, pack_key, plan
 from orchestrator.search.asha import Asha, eval_every_for, rung_steps
-from orchestrator.search.coordinator import SearchCoordinator
+from orchestrator.search.coordinator import CoordinatorHooks, SearchCoordinator
 from orchestrator.search.objective import Objective
 from orchestrator.search.optuna_rounds import OptunaSearch, round_size
 from orchestrator.search.trials import Trial, set_values
@@ -99,7 +99,7 @@ class SearchRun:
         """`dispatch`'s coordinator and refill for this search (none for a fixed list)."""
         options = {}
         if self._coordinator is not None:
-            options["coordinator"] = self._coordinator
+            options["hooks"] = CoordinatorHooks(self._coordinator)
         if self._coordinator is not None or self._optuna is not None:
             options["refill"] = self._refill
         return options

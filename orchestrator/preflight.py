@@ -22,6 +22,7 @@ from pathlib import Path
 
 from orchestrator.config.errors import ConfigError
 from orchestrator.config.schema import Config
+from orchestrator.search.params import normalize
 
 MODEL_TIMEOUT_S = 5.0
 SERVICE_TIMEOUT_S = 3.0
@@ -30,7 +31,9 @@ _TRUE = ("1", "true", "yes", "on")
 
 
 def preflight(cfg: Config) -> None:
-    """Every check below, cheapest first; raises the first `ConfigError`."""
+    """The sweep's `params` normalized (`orchestrator.search.params`), then every check below,
+    cheapest first; raises the first `ConfigError`."""
+    normalize(cfg)
     check_cluster(cfg)
     check_tracking(cfg)
     check_storage(cfg)
