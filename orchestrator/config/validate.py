@@ -23,9 +23,11 @@ from orchestrator.config.rules import (
     BASE_ONLY_TRAIN_KEYS,
     DB_SCHEMES,
     DRAWING,
+    EXCLUSIVE,
     RANGE_KEYS,
     SWEEP_WIDE_TRAIN_KEYS,
     Rule,
+    drop_null_seconds,
 )
 from orchestrator.config.schema import Config, SweepDef
 
@@ -38,6 +40,7 @@ def validate(cfg: Any) -> Config:
     """
     data = _plain(cfg)
     data.pop("hydra", None)  # Hydra's own node, present when composed with return_hydra_config
+    drop_null_seconds(data)
     config = _build(Config, data, "")
     _check_tracking_uri(config.tracking.uri)
     config.sweep.params = sweep_params(config.sweep)
@@ -51,10 +54,6 @@ def validate(cfg: Any) -> Config:
     return config
 
 
-#: Pairs of keys that say the same thing two ways: the first, when set, replaces the second (a
-#: model file's max_steps or warmup_steps is a default); the user giving both is an error.
-EXCLUSIVE = (("train.num_epochs", "train.max_steps", "null"),
-             ("train.warmup_ratio", "train.warmup_steps", "0"))
 _UNSET = ("null", "none", "0", "0.0", "")
 
 
@@ -66,7 +65,7 @@ def check_overrides(overrides: list[str]) -> None:
         if eq and not key.startswith("~"):
             given[key.lstrip("+")] = value.strip().lower()
     for first, second, unset in EXCLUSIVE:
-        if given.get(first, "null") not in _UNSET and second in given:
+        if given.get(first, "null") not in _UNSET and given.get(second, "null") != "null":
             raise ConfigError(first, f"exclusive with {second}: give one of them ({first} "
                                      f"replaces the {second} a model file sets; {first}={unset} "
                                      f"leaves it to {second})")
