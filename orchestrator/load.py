@@ -79,6 +79,20 @@ def resolve(client, ref: str) -> tuple[str, str, dict[str, str], object | None]:
     return run_id, source, tags, None
 
 
+def store_client(tracking_uri: str | None):
+    """An `MlflowClient` on `tracking_uri` (None: MLflow's default), or `LoadError` for a SQLite
+    store whose file does not exist: MLflow would create an empty one where the command runs,
+    and an empty store holds no model."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).expanduser().is_file():
+        raise LoadError(f"no tracking store at {uri} (no such file; --tracking-uri names the "
+                        "store the sweep wrote)")
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
 def base_spec(lineage: dict[str, str]):
     """The `BaseSpec` an adapter was trained on, for inference (no gradient checkpointing)."""
     from qlora import BaseSpec
@@ -105,12 +119,11 @@ def load_adapter(ref: str, tracking_uri: str | None = None, *, device: str | Non
     Artifacts are downloaded into `dst` (default: a new temporary folder).
     """
     import mlflow
-    from mlflow import MlflowClient
     from peft import PeftModel
 
     from qlora import load_base
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = store_client(tracking_uri)
     run_id, source, lineage, version = resolve(client, ref)
     dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="qlora-adapter-"))
     folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
@@ -178,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_adapter(args.ref, args.tracking_uri, device=args.device)
     except (LoadError, MlflowException) as e:
-        print(f"error: {args.ref}: {str(e).splitlines()[0]} (at {args.tracking_uri})",
-              file=sys.stderr)
+        at = "" if args.tracking_uri in str(e) else f" (at {args.tracking_uri})"
+        print(f"error: {args.ref}: {str(e).splitlines()[0]}{at}", file=sys.stderr)
         return 2
     prompt = args.prompt
     if prompt is None:  # in the base's chat template where training used it

@@ -187,3 +187,21 @@ def test_load_prompts_as_training_renders_the_row(model, input_text, tmp_path):
     [trained] = load_data(DataSpec(path=str(tmp_path / "row.jsonl"), eval_fraction=0.0), tok).train
     prompt = alpaca_prompt(tok, row["instruction"], row["input"])
     assert prompt_ids(prompt, tok) == trained.input_ids[:trained.prompt_len]
+
+
+@pytest.mark.parametrize(("cli", "args"), [("load", ["--prompt", "x"]), ("export", ["out"])])
+@pytest.mark.parametrize("store", [None, "sqlite:///elsewhere/m.db"])
+def test_cli_on_a_missing_store_creates_none(cli, args, store, tmp_path, monkeypatch, capsys):
+    """A tracking store that is not there holds no model: one error line naming it, and no empty
+    store created in its place (the default is ./mlflow.db, wherever the command runs)."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    main = importlib.import_module(f"orchestrator.{cli}").main
+    ref = f"models:/{NAME}@{CHAMPION_ALIAS}"
+    uri = store or "sqlite:///mlflow.db"
+    assert main([ref, *args, *(["--tracking-uri", store] if store else [])]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {ref}: no tracking store at {uri}"), line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["elsewhere"]
