@@ -11,7 +11,8 @@ SOURCE is what `orchestrator.load` takes (`models:/NAME@ALIAS`, `models:/NAME/VE
   `--dtype float32`) weights with its tokenizer and config, for
   `AutoModelForCausalLM.from_pretrained(OUT)` with no PEFT and no bitsandbytes.
 
-Exit status 0, or 2 with one `error:` line for a source that names nothing loadable.
+Exit status 0, or 2 with one `error:` line for a source that names nothing loadable (a SQLite
+tracking store that does not exist included: none is created).
 """
 
 from __future__ import annotations
@@ -49,11 +50,10 @@ def adapter_source(source: str, tracking_uri: str, dst: Path) -> tuple[Path, dic
                        "base_revision": config.get("revision")}
         return folder, lineage
     import mlflow
-    from mlflow import MlflowClient
 
-    from orchestrator.load import resolve
+    from orchestrator.load import resolve, store_client
 
-    _, artifacts, lineage, _ = resolve(MlflowClient(tracking_uri=tracking_uri), source)
+    _, artifacts, lineage, _ = resolve(store_client(tracking_uri), source)
     got = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifacts, dst_path=str(dst),
                                                    tracking_uri=tracking_uri))
     if not (got / "adapter_config.json").is_file():

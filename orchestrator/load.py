@@ -1,12 +1,15 @@
 """Load a trained adapter from MLflow as a `PeftModel` on the right base, quantized the right way.
 
-    from orchestrator.load import load_adapter, generate
+    from orchestrator.load import alpaca_prompt, load_adapter, generate
     loaded = load_adapter("models:/best@champion", tracking_uri="sqlite:///mlflow.db")
-    print(generate(loaded, "### Instruction:\\nReverse the string.\\n\\n### Input:\\nabc\\n\\n"
-                           "### Response:\\n"))
+    print(generate(loaded, alpaca_prompt(loaded.tokenizer, "Reverse the string.", "abc")))
 
     python -m orchestrator.load models:/best@champion --instruction "Reverse the string." --input abc
-    python -m orchestrator.load RUN_ID --prompt "### Instruction:..." --max-new-tokens 16
+    python -m orchestrator.load RUN_ID --prompt "raw text, no template" --max-new-tokens 16
+
+`--instruction` prompts as training renders an alpaca row (`alpaca_prompt`: the base's chat
+template when its tokenizer has one), and every prompt is tokenized as training tokenizes a row's
+prompt (`qlora.data.prompt_ids`), so the model is asked in the form it learned.
 
 A reference is `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID[/adapter]` or a bare
 run id. The base and its quantization come from the model version's lineage tags
@@ -76,6 +79,20 @@ def resolve(client, ref: str) -> tuple[str, str, dict[str, str], object | None]:
     return run_id, source, tags, None
 
 
+def store_client(tracking_uri: str | None):
+    """An `MlflowClient` on `tracking_uri` (None: MLflow's default), or `LoadError` for a SQLite
+    store whose file does not exist: MLflow would create an empty one where the command runs,
+    and an empty store holds no model."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).expanduser().is_file():
+        raise LoadError(f"no tracking store at {uri} (no such file; --tracking-uri names the "
+                        "store the sweep wrote)")
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
 def base_spec(lineage: dict[str, str]):
     """The `BaseSpec` an adapter was trained on, for inference (no gradient checkpointing)."""
     from qlora import BaseSpec
@@ -102,12 +119,11 @@ def load_adapter(ref: str, tracking_uri: str | None = None, *, device: str | Non
     Artifacts are downloaded into `dst` (default: a new temporary folder).
     """
     import mlflow
-    from mlflow import MlflowClient
     from peft import PeftModel
 
     from qlora import load_base
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = store_client(tracking_uri)
     run_id, source, lineage, version = resolve(client, ref)
     dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="qlora-adapter-"))
     folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
@@ -122,13 +138,16 @@ def load_adapter(ref: str, tracking_uri: str | None = None, *, device: str | Non
 
 def generate(loaded: LoadedAdapter, prompt: str, max_new_tokens: int = 32,
              min_new_tokens: int = 0) -> str:
-    """Greedy continuation of `prompt` (the new text only); at least `min_new_tokens` tokens
-    before the end-of-sequence token may end it."""
+    """Greedy continuation of `prompt` (the new text only), tokenized as training tokenizes a
+    row's prompt (bos first); at least `min_new_tokens` tokens before the end-of-sequence token
+    may end it."""
     import torch
 
+    from qlora.data import prompt_ids
+
     tok = loaded.tokenizer
-    inputs = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    inputs = {k: v.to(loaded.base.device) for k, v in inputs.items()}
+    ids = torch.tensor([prompt_ids(prompt, tok)], device=loaded.base.device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():
         out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                     min_new_tokens=min(min_new_tokens, max_new_tokens),
@@ -136,12 +155,14 @@ def generate(loaded: LoadedAdapter, prompt: str, max_new_tokens: int = 32,
     return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def alpaca_prompt(instruction: str, input_text: str = "") -> str:
-    """The prompt the bundled (alpaca-style) data trains on, for `--instruction`."""
+def alpaca_prompt(tokenizer, instruction: str, input_text: str = "") -> str:
+    """The prompt part of the alpaca row (`instruction`, `input_text`) as training renders it
+    with `tokenizer`: in its chat template when it has one, else the `### Instruction:` one."""
     from qlora.formats import render
 
-    return render({"instruction": instruction, "input": input_text, "output": ""}, "alpaca",
-                  None)[0]
+    # Any non-empty answer: training's rows all have one, and the prompt does not depend on it.
+    row = {"instruction": instruction, "input": input_text, "output": "?"}
+    return render(row, "alpaca", tokenizer)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ref", help="e.g. models:/best@champion")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the raw prompt text")
-    what.add_argument("--instruction", help="an instruction, in the bundled data's alpaca prompt")
+    what.add_argument("--instruction", help="an instruction, prompted as training renders an "
+                                            "alpaca row (the base's chat template if it has one)")
     parser.add_argument("--input", default="", help="the instruction's input (with --instruction)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--min-new-tokens", type=int, default=0,
@@ -166,13 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stdout carries the generated text only
-    prompt = args.prompt if args.prompt is not None else alpaca_prompt(args.instruction, args.input)
     try:
         loaded = load_adapter(args.ref, args.tracking_uri, device=args.device)
     except (LoadError, MlflowException) as e:
-        print(f"error: {args.ref}: {str(e).splitlines()[0]} (at {args.tracking_uri})",
-              file=sys.stderr)
+        at = "" if args.tracking_uri in str(e) else f" (at {args.tracking_uri})"
+        print(f"error: {args.ref}: {str(e).splitlines()[0]}{at}", file=sys.stderr)
         return 2
+    prompt = args.prompt
+    if prompt is None:  # in the base's chat template where training used it
+        prompt = alpaca_prompt(loaded.tokenizer, args.instruction, args.input)
     where = f"run {loaded.run_id}"
     if loaded.version is not None:
         where = f"{loaded.version.name} version {loaded.version.version} ({where})"

@@ -43,7 +43,7 @@ from .tiny import cache_root
 
 __all__ = [
     "DataError", "Example", "TokenizedData", "bundled_path", "read_records", "detect_format",
-    "render", "tokenize_example", "load_data", "validate_data_file",
+    "render", "tokenize_example", "prompt_ids", "load_data", "validate_data_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,18 @@ def tokenize_example(prompt: str, response: str, tokenizer, seq_len: int,
     return _assemble(p_ids, r_ids, tokenizer, seq_len, train_on_prompt)
 
 
+def prompt_ids(prompt: str, tokenizer) -> list[int]:
+    """The ids a training example of `prompt` starts with (bos where `tokenize_example` puts it,
+    then the prompt): what a model trained here must be given to continue as it learned."""
+    [p_ids] = _encode(tokenizer, [prompt])
+    return _bos(p_ids, tokenizer) + list(p_ids)
+
+
+def _bos(ids: list[int], tokenizer) -> list[int]:
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and ids[:1] != [bos] else []
+
+
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     # Special tokens written in the text (a chat template's eos) map to their ids; none are added.
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
@@ -185,8 +197,8 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 def _assemble(p_ids: list[int], r_ids: list[int], tokenizer, seq_len: int,
               train_on_prompt: bool) -> tuple[Example, bool]:
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    head = [bos] if bos is not None and (p_ids or r_ids)[:1] != [bos] else []
+    eos = tokenizer.eos_token_id
+    head = _bos(p_ids or r_ids, tokenizer)
     tail = [eos] if eos is not None and eos not in r_ids else []
     ids = head + list(p_ids) + list(r_ids) + tail
     n_masked = 0 if train_on_prompt else len(head) + len(p_ids)

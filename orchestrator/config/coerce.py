@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.config.errors import ConfigError
-from orchestrator.config.rules import Rule
+from orchestrator.config.rules import Rule, drop_null_seconds
 from orchestrator.config.schema import Config
 
 
@@ -28,6 +28,7 @@ def coerce(cfg: Any) -> Config:
     `params` flattened to dotted keys (`{lora: {r: [...]}}` -> `{"lora.r": [...]}`)."""
     data = _plain(cfg)
     data.pop("hydra", None)  # Hydra's own node, present when composed with return_hydra_config
+    drop_null_seconds(data)  # `train.max_steps=null` beside `train.num_epochs`: not given
     config = _build(Config, data, "")
     config.sweep.params = flatten(config.sweep.params)
     return config

@@ -28,6 +28,24 @@ DB_SCHEMES = ("postgresql", "mysql", "mssql")  # MLflow's other SQLAlchemy backe
 #: The metrics every evaluation logs; a user metric `eval.metric=pkg.mod:fn` adds `eval_fn`.
 BUILTIN_OBJECTIVES = ("eval_loss", "eval_exact_match", "eval_token_f1")
 
+#: Pairs of keys that say the same thing two ways: the first, when set, replaces the second (a
+#: model file's max_steps or warmup_steps is a default); the user giving both is an error, and
+#: the second set to null is not given (the first decides).
+EXCLUSIVE = (("train.num_epochs", "train.max_steps", "null"),
+             ("train.warmup_ratio", "train.warmup_steps", "0"))
+
+
+def drop_null_seconds(data: dict) -> None:
+    """Take out of the plain config `data` the second key of each `EXCLUSIVE` pair that is null
+    while the first is set: null says "not given", so the schema's default stands (the first
+    replaces it) instead of failing the second's type."""
+    for first, second, _ in EXCLUSIVE:
+        (s1, k1), (s2, k2) = first.split("."), second.split(".")
+        one, two = data.get(s1), data.get(s2)
+        if isinstance(one, dict) and one.get(k1) and isinstance(two, dict) and \
+                k2 in two and two[k2] is None:
+            del two[k2]
+
 
 def loftq_error(quant_type: str, init: str) -> str | None:
     """Why `lora.init` cannot start on a `quant.type` base, or None: LoftQ fits the base's

@@ -14,7 +14,13 @@ from typing import Any
 
 from orchestrator.config.coerce import coerce
 from orchestrator.config.errors import ConfigError
-from orchestrator.config.rules import BUILTIN_OBJECTIVES, DB_SCHEMES, DRAWING, storage_error
+from orchestrator.config.rules import (
+    BUILTIN_OBJECTIVES,
+    DB_SCHEMES,
+    DRAWING,
+    EXCLUSIVE,
+    storage_error,
+)
 from orchestrator.config.schema import Config
 
 
@@ -36,10 +42,6 @@ def validate(cfg: Any) -> Config:
     return config
 
 
-#: Pairs of keys that say the same thing two ways: the first, when set, replaces the second (a
-#: model file's max_steps or warmup_steps is a default); the user giving both is an error.
-EXCLUSIVE = (("train.num_epochs", "train.max_steps", "null"),
-             ("train.warmup_ratio", "train.warmup_steps", "0"))
 _UNSET = ("null", "none", "0", "0.0", "")
 
 
@@ -51,7 +53,7 @@ def check_overrides(overrides: list[str]) -> None:
         if eq and not key.startswith("~"):
             given[key.lstrip("+")] = value.strip().lower()
     for first, second, unset in EXCLUSIVE:
-        if given.get(first, "null") not in _UNSET and second in given:
+        if given.get(first, "null") not in _UNSET and given.get(second, "null") != "null":
             raise ConfigError(first, f"exclusive with {second}: give one of them ({first} "
                                      f"replaces the {second} a model file sets; {first}={unset} "
                                      f"leaves it to {second})")

@@ -216,6 +216,22 @@ def test_known_model_that_cannot_be_fetched(tmp_path):
     assert not list((tmp_path / "cache").rglob("*.gguf"))
 
 
+def test_a_key_set_to_null_is_not_given():
+    """`train.max_steps=null` beside `train.num_epochs` leaves the steps to the epochs (and so
+    for warmup); giving a value is still refused, with the same line as ever."""
+    from orchestrator.config.compose import compose
+
+    config = validate(compose(["train.num_epochs=1", "train.max_steps=null",
+                               "train.warmup_ratio=0.1", "train.warmup_steps=null"]))
+    assert (config.train.num_epochs, config.train.warmup_ratio) == (1, 0.1)
+    with pytest.raises(ConfigError) as info:
+        compose(["train.num_epochs=1", "train.max_steps=100"])
+    assert str(info.value) == (
+        "train.num_epochs: exclusive with train.max_steps: give one of them (train.num_epochs "
+        "replaces the train.max_steps a model file sets; train.num_epochs=null leaves it to "
+        "train.max_steps)")
+
+
 @pytest.mark.parametrize(("data", "key"), [
     ({"sweep": {"strategy": "random", "params": {"lora.r": [4]}}}, "sweep.num_trials"),
     ({"sweep": {"strategy": "grid", "params": {"lora.r": {"low": 1, "high": 4}}}},

@@ -118,6 +118,21 @@ def test_dry_run_lists_the_trials_and_starts_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == []  # no mlflow.db, no outputs/
 
 
+def test_dry_run_prints_the_steps_the_trials_train():
+    """With `train.num_epochs`, the steps come from the train split's rows, as the engine counts
+    them (`TrialSpec.resolved` on the tokenized data), not from `train.max_steps`."""
+    from orchestrator.__main__ import _dry_run
+    from qlora.base import load_tokenizer
+    from qlora.data import load_data
+
+    config = validate(compose(["train.num_epochs=1"]))
+    spec = config.trial_spec("", "", 0)
+    train_rows = len(load_data(spec.data, load_tokenizer(config.base_spec())).train)
+    steps = spec.resolved(train_rows).max_steps
+    assert steps != config.train.max_steps
+    assert f", {steps} steps, " in _dry_run(config).splitlines()[0]
+
+
 def test_multirun_runs_one_sweep_per_job_and_still_validates(tmp_path):
     result = _cli(["-m", "sweep=rank_grid,alpha_grid", "dry_run=true"], tmp_path)
     assert result.returncode == 0, result.stderr

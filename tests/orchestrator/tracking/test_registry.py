@@ -165,3 +165,43 @@ def test_export_of_nothing_is_one_error_line(tmp_path, capsys):
                  f"sqlite:///{tmp_path}/m.db"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: {tmp_path}: ") and "adapter_config.json" in line
+
+
+@pytest.mark.parametrize("model", ["tiny", pytest.param("smollm2_135m", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("input_text", ["abc", ""])
+def test_load_prompts_as_training_renders_the_row(model, input_text, tmp_path):
+    """`--instruction X --input Y` gives the model, token for token, the prompt part of the alpaca
+    row {X, Y} as the training data path tokenizes it: both models have a chat template, which
+    training uses, and the tiny one's does not open with bos, which training adds."""
+    import json
+
+    from orchestrator.load import alpaca_prompt
+    from qlora import BaseSpec, DataSpec
+    from qlora.base import load_tokenizer
+    from qlora.data import load_data, prompt_ids
+
+    tok = load_tokenizer(BaseSpec(name_or_path=model))
+    assert tok.chat_template
+    row = {"instruction": "Reverse the string.", "input": input_text, "output": "cba"}
+    (tmp_path / "row.jsonl").write_text(json.dumps(row) + "\n")
+    [trained] = load_data(DataSpec(path=str(tmp_path / "row.jsonl"), eval_fraction=0.0), tok).train
+    prompt = alpaca_prompt(tok, row["instruction"], row["input"])
+    assert prompt_ids(prompt, tok) == trained.input_ids[:trained.prompt_len]
+
+
+@pytest.mark.parametrize(("cli", "args"), [("load", ["--prompt", "x"]), ("export", ["out"])])
+@pytest.mark.parametrize("store", [None, "sqlite:///elsewhere/m.db"])
+def test_cli_on_a_missing_store_creates_none(cli, args, store, tmp_path, monkeypatch, capsys):
+    """A tracking store that is not there holds no model: one error line naming it, and no empty
+    store created in its place (the default is ./mlflow.db, wherever the command runs)."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    main = importlib.import_module(f"orchestrator.{cli}").main
+    ref = f"models:/{NAME}@{CHAMPION_ALIAS}"
+    uri = store or "sqlite:///mlflow.db"
+    assert main([ref, *args, *(["--tracking-uri", store] if store else [])]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {ref}: no tracking store at {uri}"), line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["elsewhere"]
