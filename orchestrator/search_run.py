@@ -1,19 +1,20 @@
-"""`SearchRun`: how a sweep's trials reach the workers, beyond one fixed list of packs.
+"""`SearchRun`: how a sweep's trials reach the workers, through a searcher and a scheduler.
 
-`run_sweep` asks it for packs and feeds it what comes back; three kinds of sweep go through it:
+`run_sweep` asks it for packs and feeds it what comes back. It speaks only the two protocols of
+`orchestrator.search.protocols`, with the strategies named by `sweep.strategy` and
+`sweep.scheduler` (`orchestrator.config.strategies`):
 
-- **A fixed list** (grid, random, no scheduler): the planner's packs, nothing more.
-- **A scheduler** (`sweep.scheduler=asha`): each worker starts with a pack of up to
-  `pack.max_adapters` trials; the other trials wait in the `SearchCoordinator` actor, which the
-  workers ask at every evaluation whether a trial goes on (`orchestrator.search.asha`) and, when a trial
-  ends, for the next waiting one to fill its slot without loading the base again (backfill).
-  Trials are evaluated at every rung (their spec's `eval_every`, see `asha.eval_every_for`).
-- **Optuna** (`sweep.strategy=optuna`): rounds of proposals (`orchestrator.search.optuna_rounds`); the
-  next round is asked, planned and sent to the idle workers (which keep their base) once every
-  trial of the round before has ended (`dispatch`'s `refill`).
+- The **searcher** suggests trials: grid and random all at once; Optuna a round at a time, the
+  next once every trial of the round before has ended (asked when a worker is idle: `dispatch`'s
+  `refill`, so idle workers keep their base).
+- The **scheduler** acts while trials train. A `live` one lives in the `SearchCoordinator` actor,
+  which every worker's hooks ask at each evaluation (ASHA: stop; PBT: exploit inside the pack);
+  with `backfill`, each worker starts with a pack of up to `pack.max_adapters` trials and the
+  others wait in the coordinator for a freed slot, filled without loading the base again. The
+  scheduler sets when a trial is evaluated (ASHA: on every rung; PBT: every interval).
 
-The run's trials grow as Optuna proposes: `take_new()` hands the driver the trials and packs it
-has not seen, before any of their events are processed.
+The run's trials grow as the searcher proposes: `take_new()` hands the driver the trials and
+packs it has not seen, before any of their events are processed.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from collections import OrderedDict
 from orchestrator.cluster.connect import WorkerPlan, worker_env
 from orchestrator.config.rules import parse_bytes
 from orchestrator.config.schema import Config
+from orchestrator.config.strategies import resolve
 from orchestrator.planner import Pack, pack_key, plan
-from orchestrator.search.asha import Asha, eval_every_for, rung_steps
 from orchestrator.search.coordinator import CoordinatorHooks, SearchCoordinator
 from orchestrator.search.objective import Objective
-from orchestrator.search.optuna_rounds import OptunaSearch, round_size
+from orchestrator.search.optuna_rounds import round_size
+from orchestrator.search.protocols import Scheduler, Searcher
 from orchestrator.search.trials import Trial, set_values
 from qlora.config import TrialStatus
 
@@ -42,24 +44,19 @@ class SearchRun:
         self.slots = self.num_workers * config.pack.max_adapters
         self._memory = dict(memory_budget=parse_bytes(config.pack.memory_budget),
                             device_type="cuda" if workers.gpus_per_worker else "cpu")
-        self.scheduler = config.sweep.scheduler
         self.objective = Objective.of(config)
-        self._optuna: OptunaSearch | None = None
-        if config.sweep.strategy == "optuna":
-            self._optuna = OptunaSearch(config)
-            trials = self._optuna.ask(self.round_size)
-        self.trials: list[Trial] = list(trials)  # every trial so far, in the order proposed
-        self.expected = (config.sweep.num_trials if self._optuna is not None
-                         else len(self.trials))
+        self.searcher: Searcher = resolve("strategy", config.sweep.strategy)(config, trials)
+        self.trials: list[Trial] = self.searcher.suggest(self.round_size)  # every trial so far
+        self.expected = self.searcher.expected
+        self.scheduler: Scheduler = resolve("scheduler", config.sweep.scheduler)(
+            config, self.expected, self.objective)
         self._coordinator = None
-        if self.scheduler == "asha":
+        if self.scheduler.live:  # it decides next to the workers, in an actor of its own
             import ray
 
-            asha = Asha(config.sweep.asha.rungs, config.sweep.asha.eta, self.expected,
-                        self.objective)
             self._coordinator = ray.remote(SearchCoordinator).options(
                 num_cpus=0, runtime_env={"env_vars": worker_env(workers)}).remote(
-                    asha, self.objective)
+                    self.scheduler, self.objective)
         self._new_trials: list[Trial] = []
         self._new_packs: dict[str, list[str]] = {}
         self._ended: set[str] = set()
@@ -67,54 +64,53 @@ class SearchRun:
 
     @property
     def round_size(self) -> int:
-        """Optuna's proposals per round."""
+        """Proposals per round (Optuna's)."""
         return round_size(self.config, self.slots)
 
     # -- packs ----------------------------------------------------------------------------------
 
     def plan(self, trials: list[Trial]) -> list[Pack]:
-        """The packs that start `trials`; with a scheduler, the rest wait for a freed slot."""
-        if self._coordinator is None:
-            return plan(trials, self.config.pack.max_adapters, self.num_workers, **self._memory)
-        import ray
-
+        """The packs that start `trials`; with a backfilling scheduler, the rest wait for a
+        freed slot."""
         for trial in trials:
-            steps = rung_steps(trial.spec.max_steps, self.config.sweep.asha.rungs)
-            every = eval_every_for(trial.spec.eval_every, steps)
+            every = self.scheduler.eval_every(trial.spec.eval_every, trial.spec.max_steps)
             if every != trial.spec.eval_every:
                 set_values(trial, {"train.eval_every": every})
-        groups: OrderedDict[str, list[Trial]] = OrderedDict()
-        for trial in trials:
-            groups.setdefault(pack_key(trial.base, trial.spec.data.seq_len), []).append(trial)
-        first = [t for group in groups.values() for t in group[:self.slots]]
-        ray.get(self._coordinator.add_trials.remote(
-            [(t.trial_id, t.spec.max_steps) for t in trials]))
-        for key, group in groups.items():
-            if group[self.slots:]:
-                ray.get(self._coordinator.add_waiting.remote(
-                    key, [t.spec for t in group[self.slots:]]))
+        first = trials
+        if self.scheduler.live:
+            import ray
+
+            ray.get(self._coordinator.add_trials.remote(
+                [(t.trial_id, t.spec.max_steps) for t in trials]))
+        if self.scheduler.backfill:
+            import ray
+
+            groups: OrderedDict[str, list[Trial]] = OrderedDict()
+            for trial in trials:
+                groups.setdefault(pack_key(trial.base, trial.spec.data.seq_len), []).append(trial)
+            first = [t for group in groups.values() for t in group[:self.slots]]
+            for key, group in groups.items():
+                if group[self.slots:]:
+                    ray.get(self._coordinator.add_waiting.remote(
+                        key, [t.spec for t in group[self.slots:]]))
         return plan(first, self.config.pack.max_adapters, self.num_workers, **self._memory)
 
     def dispatch_options(self) -> dict:
-        """`dispatch`'s coordinator and refill for this search (none for a fixed list)."""
-        options = {}
-        if self._coordinator is not None:
+        """`dispatch`'s hooks (a live scheduler's) and refill (more trials when a worker idles)."""
+        options: dict = {"refill": self._refill}
+        if self.scheduler.live:
             options["hooks"] = CoordinatorHooks(self._coordinator)
-        if self._coordinator is not None or self._optuna is not None:
-            options["refill"] = self._refill
         return options
 
     def _refill(self) -> list[Pack]:
-        """Packs for idle workers: trials still waiting (requeued after a lost worker), or
-        Optuna's next round once the last one has ended."""
-        packs: list[Pack] = []
-        if self._coordinator is not None:
-            packs += self._waiting_packs()
-        if packs or self._optuna is None:
+        """Packs for idle workers: trials still waiting (requeued after a lost worker), or the
+        searcher's next suggestions."""
+        packs = self._waiting_packs() if self.scheduler.backfill else []
+        if packs:
             return packs
-        if self._optuna.waiting_for_results or not self._optuna.remaining:
+        trials = self.searcher.suggest(self.round_size)
+        if not trials:
             return []
-        trials = self._optuna.ask(self.round_size)
         self.trials += trials
         self._new_trials += trials
         packs = self.plan(trials)
@@ -149,13 +145,13 @@ class SearchRun:
     def on_metrics(self, trial_id: str, step: int, metrics: dict) -> None:
         """A streamed metrics point (Optuna's intermediate values)."""
         value = self.objective.value(metrics)
-        if self._optuna is not None and value is not None:
-            self._optuna.report(trial_id, step, value)
+        if value is not None:
+            self.searcher.on_trial_result(trial_id, step, value)
 
     def on_outcome(self, outcome, max_retries: int = 0) -> None:
         """A pack's outcome, before the driver records it. Trials that were backfilled into a
         pack whose worker was lost wait again (or fail, out of requeues: added to the results)."""
-        if self._coordinator is not None and outcome.error:
+        if self.scheduler.backfill and outcome.error:
             import ray
 
             from qlora import TrialResult
@@ -169,13 +165,12 @@ class SearchRun:
                 for tid in given_up)
         for result in outcome.results:
             self._ended.add(result.trial_id)
-            if self._optuna is not None:
-                self._optuna.tell(result.trial_id, result.status,
-                                  self.objective.of_result(result))
+            self.searcher.on_trial_complete(result.trial_id, result.status,
+                                            self.objective.of_result(result))
 
     def stop_of(self, trial_id: str):
-        """ASHA's `Stop` for a trial it stopped (rung, step, reason), or None."""
-        if self._coordinator is None:
+        """The scheduler's `Stop` for a trial it stopped (rung, step, reason), or None."""
+        if not self.scheduler.live:  # only a live scheduler stops trials
             return None
         if trial_id not in self._stops:
             import ray
@@ -185,19 +180,8 @@ class SearchRun:
 
     def params(self) -> dict:
         """What the parent run records about the search, besides the sweep's definition."""
-        sweep = self.config.sweep
-        out = {"sweep_scheduler": sweep.scheduler}
-        if self.scheduler == "asha":
-            out.update(asha_rungs=",".join(f"{f:g}" for f in sweep.asha.rungs),
-                       asha_eta=f"{sweep.asha.eta:g}",
-                       asha_keep=",".join(str(Asha(sweep.asha.rungs, sweep.asha.eta,
-                                                   self.expected).keep(k))
-                                          for k in range(len(sweep.asha.rungs))))
-        if self._optuna is not None:
-            out.update(optuna_round_size=self.round_size,
-                       optuna_startup_trials=sweep.optuna.startup_trials,
-                       optuna_sampler="TPESampler")
-        return out
+        return {"sweep_scheduler": self.config.sweep.scheduler, **self.scheduler.params(),
+                **self.searcher.params()}
 
     def close(self) -> None:
         """Tear down the coordinator actor (safe to call twice)."""

@@ -85,7 +85,8 @@ def record_trial(trial: Trial, result: TrialResult, outcome: PackOutcome, tracke
         stopped_at_rung=stop.rung if stop is not None else None,
         stop_reason=stop.reason if stop is not None else None, dispatched=True,
         trained=result.spec.to_dict() if result.spec is not None else None,
-        adapter_storage=stored_at, **cost, **counters(tracker, trial.trial_id))
+        adapter_storage=stored_at, lineage=list(result.exploits), **cost,
+        **counters(tracker, trial.trial_id))
 
 
 def base_cost(outcome: PackOutcome) -> dict[str, float | None]:
@@ -104,7 +105,7 @@ def trial_row(trial: Trial, *, status, steps: int | None, eval_loss: float | Non
               stop_reason: str | None = None, trained: dict | None = None,
               eval_metrics: dict | None = None, samples: list | None = None,
               adapter_storage: str | None = None, base_bits_per_weight: float | None = None,
-              memory_peak_mib: float | None = None) -> dict:
+              memory_peak_mib: float | None = None, lineage: list | None = None) -> dict:
     """The one shape of a trial's row in `summary.json`, whoever ran it.
 
     `trained` is the engine's spec as the worker trained with it (None for a trial an earlier
@@ -112,7 +113,8 @@ def trial_row(trial: Trial, *, status, steps: int | None, eval_loss: float | Non
     evaluation's scores besides eval_loss; `samples` its generated answers (empty for a trial an
     earlier driver finished: they are in its run's samples/ tables). `adapter_storage` is
     the adapter's copy under `cluster.storage`, if it has one. `quant_type` and `lora_init` are
-    the trial's own (a sweep may vary them), beside what its base measured to cost.
+    the trial's own (a sweep may vary them), beside what its base measured to cost. `lineage`
+    lists a PBT trial's exploits (step, source trial, the values it trained on with).
     """
     return {
         "trial_id": trial.trial_id, "name": trial.name, "params": trial.params,
@@ -127,7 +129,7 @@ def trial_row(trial: Trial, *, status, steps: int | None, eval_loss: float | Non
         "adapter_storage": adapter_storage, "pack_id": pack_id, "pack_started": pack_started, "pack_ended": pack_ended,
         "placement": placement, "stopped_at_rung": stopped_at_rung, "stop_reason": stop_reason,
         "dispatched": dispatched, "restarts": restarts, "oom_splits": oom_splits,
-        "trained": trained,
+        "trained": trained, "lineage": list(lineage or []),
     }
 
 

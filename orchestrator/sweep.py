@@ -298,12 +298,12 @@ def _open_tracker(config: Config) -> Tracker:
 
 
 def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, console: Console,
-         out_dir: Path, search: SearchRun | None = None, storage_root: str | None = None,
+         out_dir: Path, search: SearchRun, storage_root: str | None = None,
          **faults) -> list[dict]:
     """Dispatch the packs and record every trial as its pack ends; returns the summary rows.
 
     `faults` are `dispatch`'s checkpoint_dir, checkpoint_every, max_retries and lost_timeout_s.
-    A `search` may stop trials early, backfill slots and add trials (Optuna) as the sweep goes.
+    The `search` may stop trials early, backfill slots, exploit and add trials as the sweep goes.
     With a `storage_root`, each adapter is also copied there (orchestrator.cluster.storage).
     """
     by_id = {t.trial_id: t for t in trials}
@@ -311,30 +311,28 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
     pack_trials = {p.pack_id: [t.trial_id for t in p.trials] for p in packs}
     announced: set[str] = set()  # trials whose end the console has shown
     rows: dict[str, dict] = {}
-    options = search.dispatch_options() if search is not None else {}
+    options = search.dispatch_options()
     with contextlib.closing(dispatch(packs, workers, **faults, **options)) as batches:
         for events in batches:
-            if search is not None:  # trials and packs it added, known before their events
-                new_trials, new_packs = search.take_new()
-                for trial in new_trials:
-                    by_id[trial.trial_id] = trial
-                    folders[trial.trial_id] = folder_for(trial, folders)
-                    tracker.add_trial(trial)
-                    console.add_trial(trial)
-                pack_trials.update(new_packs)
+            new_trials, new_packs = search.take_new()  # known before their events
+            for trial in new_trials:
+                by_id[trial.trial_id] = trial
+                folders[trial.trial_id] = folder_for(trial, folders)
+                tracker.add_trial(trial)
+                console.add_trial(trial)
+            pack_trials.update(new_packs)
             for ev in events:
                 if isinstance(ev, MetricsEvent):
                     tracker.log_metrics(ev.trial_id, ev.step, ev.metrics, ev.time)
                     console.metrics(ev.trial_id, ev.step, ev.metrics)
-                    if search is not None:
-                        search.on_metrics(ev.trial_id, ev.step, ev.metrics)
+                    search.on_metrics(ev.trial_id, ev.step, ev.metrics)
                 elif isinstance(ev, PackStarted):
                     console.pack_started(ev.pack_id, pack_trials[ev.pack_id], ev.placement)
                 elif isinstance(ev, TrialEnded):
                     if ev.trial_id not in announced:  # a retried pack reports a trial again
                         announced.add(ev.trial_id)
                         stop = (search.stop_of(ev.trial_id)
-                                if search is not None and ev.status == TrialStatus.STOPPED else None)
+                                if ev.status == TrialStatus.STOPPED else None)
                         console.trial_ended(ev.trial_id, ev.status, ev.steps, ev.eval_loss,
                                             stop.reason if stop is not None else ev.reason)
                 elif isinstance(ev, WorkersWaiting):
@@ -349,14 +347,13 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
                                   f"{len(ev.trial_ids)} trial(s) go again from their checkpoints "
                                   f"as {ev.pack_id}")
                 elif isinstance(ev, PackOutcome):
-                    if search is not None:
-                        search.on_outcome(ev, faults.get("max_retries", 0))
+                    search.on_outcome(ev, faults.get("max_retries", 0))
                     for result in ev.results:
                         if result.trial_id not in announced:
                             console.trial_ended(result.trial_id, result.status, result.steps,
                                                 result.eval_loss, result.reason)
                         trial = by_id[result.trial_id]
-                        stop = search.stop_of(trial.trial_id) if search is not None else None
+                        stop = search.stop_of(trial.trial_id)
                         rows[trial.trial_id] = record_trial(
                             trial, result, ev, tracker, out_dir / folders[trial.trial_id], stop,
                             storage_root)

@@ -378,3 +378,13 @@ def _save_disk(key: str, data: TokenizedData) -> None:
                 os.unlink(tmp)
     except OSError as e:  # a read-only cache costs speed, not correctness
         log.warning("cannot write data cache %s: %s", path, e)
+
+
+def data_info(data) -> dict:
+    """What a result needs to be traced to its data: the file hash and the example counts."""
+    info = {"data_hash": getattr(data, "data_hash", None)}
+    stats = getattr(data, "stats", {}) or {}
+    for key in ("n_train", "n_eval", "n_truncated", "n_skipped", "n_dropped", "format"):
+        if key in stats:
+            info[key] = stats[key]
+    return info

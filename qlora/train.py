@@ -40,6 +40,8 @@ from . import checkpoint
 from .adapters import adapter_state, inject, load_adapter_state, remove, routing_of
 from .base import Base
 from .config import DataSpec, TrialSpec, TrialStatus
+from .data import data_info
+from .exploit import Exploit, exploit_round, set_values
 from .export import adapter_files
 from .generate import SAMPLES, judge
 from .layer import Segment, label
@@ -67,6 +69,7 @@ class TrialResult:
     spec: TrialSpec | None = None  # what it trained with
     eval_metrics: dict = field(default_factory=dict)  # the last evaluation's: eval_loss, eval_...
     samples: list[dict] = field(default_factory=list)  # the last evaluation's generated answers
+    exploits: list[dict] = field(default_factory=list)  # PBT: {step, source, values} of each copy
 
 
 @dataclass
@@ -88,6 +91,8 @@ class _Slot:
     eval_due: bool = False
     saved_step: int = 0
     closed: bool = False
+    overrides: dict = field(default_factory=dict)  # hyperparameters an exploit changed
+    exploits: list = field(default_factory=list)  # each: step, source, values
 
     @property
     def done(self) -> bool:
@@ -101,11 +106,15 @@ def train_pack(
     on_metrics: MetricsCallback | None = None,
     on_trial_end: Callable[[TrialResult], None] | None = None,
     next_trial: Callable[[], TrialSpec | None] | None = None,
+    exploit: Callable[[list], dict[str, Exploit]] | None = None,
     datasets: dict[DataSpec, object] | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
 ) -> list[TrialResult]:
     """Train `trials` together on `base`; return one TrialResult per trial, in the order they ended.
+
+    `exploit` (population-based training: `qlora.exploit.exploit_round`) hears each evaluation
+    round, [(trial_id, step, metrics, values)], and names trials that take another's state.
 
     Each trial's numbers equal those of the same trial trained alone (float tolerance). The base
     holds no adapter afterwards and may train the next pack. `datasets` may supply tokenized data
@@ -142,6 +151,8 @@ def train_pack(
             due = [s for s in active if s.eval_due and not s.done]
             if due:
                 _evaluate_and_report(base, due, on_metrics)
+                if exploit is not None:
+                    exploit_round(base, slots, due, exploit, on_metrics)
             if checkpoint_dir is not None:
                 for slot in active:
                     _maybe_checkpoint(base, slot, checkpoint_dir, checkpoint_every)
@@ -182,6 +193,8 @@ def _restore(base: Base, slot: _Slot, adapter: dict, optimizer_state: dict, stat
     slot.train_losses = list(state["train_losses"])
     slot.eval_history = [tuple(e) for e in state["eval_history"]]
     slot.eval_metrics, slot.samples = state.get("eval_metrics", {}), state.get("samples", [])
+    slot.exploits, slot.overrides = list(state.get("exploits", [])), state.get("overrides", {})
+    slot.spec = set_values(base, slot.key, slot.optimizer, slot.spec, slot.overrides)
     if state.get("status"):
         _end(slot, TrialStatus(state["status"]), state.get("reason"))
 
@@ -196,7 +209,7 @@ def _maybe_checkpoint(base: Base, slot: _Slot, root, every: int) -> None:
     state = {"trial_id": slot.spec.trial_id, "step": slot.step, "micro": slot.micro,
              "data_position": slot.stream.position(), "train_losses": slot.train_losses,
              "eval_history": slot.eval_history, "eval_metrics": slot.eval_metrics,
-             "samples": slot.samples}
+             "samples": slot.samples, "overrides": slot.overrides, "exploits": slot.exploits}
     if ended_well:
         state.update(status=slot.result.status, reason=slot.result.reason)
     checkpoint.save(root, slot.spec.trial_id, adapter_state(base, slot.key), slot.optimizer, state)
@@ -221,19 +234,9 @@ def _end(slot: _Slot, status: TrialStatus, reason: str | None = None) -> None:
         trial_id=slot.spec.trial_id, status=status, steps=slot.step,
         eval_loss=slot.eval_history[-1][1] if slot.eval_history else None,
         train_losses=list(slot.train_losses), eval_history=list(slot.eval_history), reason=reason,
-        data=_data_info(slot.data), spec=slot.spec, eval_metrics=dict(slot.eval_metrics),
-        samples=list(slot.samples),
+        data=data_info(slot.data), spec=slot.spec, eval_metrics=dict(slot.eval_metrics),
+        samples=list(slot.samples), exploits=list(slot.exploits),
     )
-
-
-def _data_info(data) -> dict:
-    """What a result needs to be traced to its data: the file hash and the example counts."""
-    info = {"data_hash": getattr(data, "data_hash", None)}
-    stats = getattr(data, "stats", {}) or {}
-    for key in ("n_train", "n_eval", "n_truncated", "n_skipped", "n_dropped", "format"):
-        if key in stats:
-            info[key] = stats[key]
-    return info
 
 
 # -- one micro-step for every active trial ------------------------------------------------------

@@ -171,6 +171,7 @@ class PackWorker:
             base = self._base_for(base_spec)
             train_pack(base, specs, on_metrics=on_metrics, on_trial_end=on_trial_end,
                        next_trial=hooks.next_trial if hooks is not None else None,
+                       exploit=hooks.exploit if hooks is not None else None,
                        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
         except torch.OutOfMemoryError as e:
             # Splitting helps only if the base itself fitted; the frozen base is still sound.

@@ -15,8 +15,8 @@ from urllib.parse import urlparse
 
 from qlora.config import LOFTQ_QUANT_TYPES
 
-STRATEGIES = ("grid", "random", "optuna")
-SCHEDULERS = ("none", "asha")
+#: The keys population-based training may change (no shape depends on them): `qlora.exploit.MUTABLE`.
+PBT_KEYS = ("train.learning_rate", "lora.dropout", "train.weight_decay")
 #: Strategies that draw trials, and so take ranges {low, high} and need `sweep.num_trials`.
 DRAWING = ("random", "optuna")
 #: Per-trial keys that stay out of sweeps: they shape the shared base, not one adapter.

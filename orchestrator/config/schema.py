@@ -19,15 +19,14 @@ from orchestrator.config.rules import (
     METRIC_PATH,
     MODEL_NAME,
     NAME,
+    PBT_KEYS,
     RUNGS,
-    SCHEDULERS,
-    STRATEGIES,
     TARGET_MODULES,
     Rule,
     at_least,
-    choice,
     nonempty,
 )
+from orchestrator.config.strategies import Registered
 from qlora.config import LIMITS, TINY, BaseSpec, DataSpec, TrialSpec, pattern_error
 
 
@@ -245,6 +244,24 @@ class AshaCfg:
 
 
 @dataclass
+class PbtCfg:
+    """Population-based training (see orchestrator/search/pbt.py)."""
+
+    interval: int = setting(10, "steps between exploits (each trial is evaluated then)",
+                            at_least(1, "an integer"))
+    quantile: float = setting(0.25, "the bottom and top fraction of a pack's trials: each of the "
+                                    "bottom takes the state of one of the top",
+                              Rule("a number in (0, 0.5]", lambda v: 0 < v <= 0.5))
+    mutations: dict = setting({"train.learning_rate": "perturb"},
+                              "key -> perturb (x0.8 or x1.2) or resample (from sweep.params); "
+                              "keys: " + ", ".join(PBT_KEYS),
+                              Rule("a mapping of " + " / ".join(PBT_KEYS) + " to perturb or "
+                                   "resample", lambda v: bool(v) and all(
+                                       k in PBT_KEYS and m in ("perturb", "resample")
+                                       for k, m in v.items())))
+
+
+@dataclass
 class OptunaCfg:
     """Model-based search (see orchestrator/search/optuna_rounds.py)."""
 
@@ -263,14 +280,17 @@ class SweepDef:
                         Rule("a name of letters, digits, '_', '-' and '.'",
                              lambda v: bool(NAME.match(v))))
     strategy: str = setting("grid", "grid | random | optuna (TPE, proposals from the results so "
-                                    "far)", choice(STRATEGIES))
+                                    "far)", Registered("strategy"))
     params: dict = setting({}, "dotted trial key -> values (grid, random, optuna) or {low, high, "
                                "log, type} (random, optuna)")
     num_trials: int | None = setting(None, "random: how many trials to draw; optuna: the budget "
                                            "of trials", at_least(1, "an integer", optional=True))
     scheduler: str = setting("none", "none | asha: stop the worse trials at rungs and backfill "
-                                     "their slots (any strategy)", choice(SCHEDULERS))
+                                     "their slots (any strategy) | pbt: population-based "
+                                     "training, the worse trials of a pack take the better ones' "
+                                     "state and perturbed hyperparameters", Registered("scheduler"))
     asha: AshaCfg = field(default_factory=AshaCfg)
+    pbt: PbtCfg = field(default_factory=PbtCfg)
     optuna: OptunaCfg = field(default_factory=OptunaCfg)
     objective: str = setting("eval_loss", "what the leaderboard, ASHA, Optuna and the champion "
                                           "optimise: eval_loss, eval_exact_match, eval_token_f1, "

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from functools import reduce
 
 from orchestrator.search.objective import Objective
+from orchestrator.search.protocols import GO_ON, STOP, Decision, Report
 
 
 @dataclass(frozen=True)
@@ -122,3 +123,41 @@ class Asha:
     def forget(self, trial_id: str) -> None:
         """A trial that ended: nothing more to decide for it (its results stay as evidence)."""
         self._latest.pop(trial_id, None)
+
+
+class AshaScheduler:
+    """`sweep.scheduler=asha` as a `Scheduler`: `Asha`'s rule, stops at rungs, backfill."""
+
+    live = True
+    backfill = True
+
+    def __init__(self, config, num_trials: int, objective: Objective | None = None):
+        self.rungs, self.eta = list(config.sweep.asha.rungs), config.sweep.asha.eta
+        self.asha = Asha(self.rungs, self.eta, num_trials, objective)
+
+    def eval_every(self, eval_every: int, max_steps: int) -> int:
+        return eval_every_for(eval_every, rung_steps(max_steps, self.rungs))
+
+    def add_trial(self, trial_id: str, max_steps: int) -> None:
+        self.asha.add_trial(trial_id, max_steps)
+
+    def on_trial_result(self, trial_id: str, step: int, loss: float) -> Decision:
+        stop = self.asha.report(trial_id, step, loss)
+        return GO_ON if stop is None else Decision(STOP, reason=stop.reason)
+
+    def on_pack_results(self, reports: list[Report]) -> dict[str, Decision]:
+        return {}
+
+    def pending(self) -> list[str]:
+        return self.asha.pending_stops()
+
+    def on_trial_complete(self, trial_id: str) -> None:
+        self.asha.forget(trial_id)
+
+    def stops(self) -> dict[str, Stop]:
+        return dict(self.asha.stops)
+
+    def params(self) -> dict:
+        return {"asha_rungs": ",".join(f"{f:g}" for f in self.rungs),
+                "asha_eta": f"{self.eta:g}",
+                "asha_keep": ",".join(str(self.asha.keep(k)) for k in range(len(self.rungs)))}

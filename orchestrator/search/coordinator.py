@@ -1,11 +1,14 @@
-"""`SearchCoordinator`: a small Ray actor that takes the search's decisions while packs train.
+"""`SearchCoordinator`: a small Ray actor that holds a live scheduler while packs train.
 
-The driver creates it (with `sweep.scheduler=asha`) and hands it to every `PackWorker`. A worker
+The driver creates it (for a scheduler that is `live`: ASHA, PBT) and hands it to every
+`PackWorker`. It speaks only the `Scheduler` protocol (`orchestrator.search.protocols`). A worker
 talks to it through `WorkerHooks`, plugged into the engine's callbacks:
 
-- `on_metrics` at an evaluation: `report(trial, step, metrics)` (the sweep's objective in them), answered at once with stop or
-  go on (ASHA's rule, `orchestrator.search.asha`). Between evaluations a worker asks, without waiting,
-  for the trials that later results have ruled out, and stops them at their next step.
+- `on_metrics` at an evaluation: `report(trial, step, metrics)` (the sweep's objective in them),
+  answered at once with stop or go on. Between evaluations a worker asks, without waiting, for
+  the trials that later results have ruled out (`pending`), and stops them at their next step.
+- `exploit` after a pack's round of evaluations: `round(reports)`, answered with the trials that
+  take another's state (PBT), which the engine copies in memory (`qlora.exploit`).
 - `next_trial` when a trial of the pack ended: the next waiting trial that can share the pack's
   base (same base and sequence length), so the freed adapter slot is filled without loading the
   base again (backfill).
@@ -19,17 +22,19 @@ from __future__ import annotations
 
 from collections import deque
 
-from orchestrator.search.asha import Asha, Stop
 from orchestrator.search.objective import Objective
+from orchestrator.search.protocols import EXPLOIT, STOP, Report, Scheduler
+from orchestrator.search.schedulers import Fifo
 from orchestrator.search.trials import pack_key
 from qlora.config import BaseSpec, TrialSpec
+from qlora.exploit import Exploit
 
 
 class SearchCoordinator:
-    """ASHA's rung table and the queue of trials waiting for a slot (used as a Ray actor)."""
+    """A scheduler and the queue of trials waiting for a slot (used as a Ray actor)."""
 
-    def __init__(self, asha: Asha | None, objective: Objective | None = None):
-        self._asha = asha
+    def __init__(self, scheduler: Scheduler | None, objective: Objective | None = None):
+        self._scheduler = scheduler if scheduler is not None else Fifo()
         self._objective = objective or Objective()
         self._waiting: dict[str, deque[TrialSpec]] = {}  # group -> specs in the order to run
         self._handed: dict[str, list[TrialSpec]] = {}  # pack id -> trials backfilled into it
@@ -39,10 +44,9 @@ class SearchCoordinator:
     # -- from the driver ------------------------------------------------------------------------
 
     def add_trials(self, items: list[tuple[str, int]]) -> None:
-        """Make trials known to ASHA: (trial_id, max_steps) of every trial the sweep runs."""
-        if self._asha is not None:
-            for trial_id, max_steps in items:
-                self._asha.add_trial(trial_id, max_steps)
+        """Make trials known to the scheduler: (trial_id, max_steps) of every trial to run."""
+        for trial_id, max_steps in items:
+            self._scheduler.add_trial(trial_id, max_steps)
 
     def add_waiting(self, group: str, specs: list[TrialSpec], front: bool = False) -> None:
         """Queue trials for backfill into packs of `group`."""
@@ -61,9 +65,9 @@ class SearchCoordinator:
         """How many trials wait, per group."""
         return {g: len(q) for g, q in self._waiting.items() if q}
 
-    def stops(self) -> dict[str, Stop]:
-        """Every trial ASHA stopped, with its rung and reason."""
-        return dict(self._asha.stops) if self._asha is not None else {}
+    def stops(self) -> dict:
+        """Every trial the scheduler stopped, with its rung and reason (`asha.Stop`)."""
+        return self._scheduler.stops()
 
     def orphans(self, pack_id: str, ended: list[str], max_requeues: int) -> tuple[list, list]:
         """Trials backfilled into the lost pack `pack_id` that the driver has no result for
@@ -90,14 +94,21 @@ class SearchCoordinator:
 
     def report(self, trial_id: str, step: int, metrics: dict) -> bool:
         """An evaluation of `trial_id` at `step` (its metrics): True if the trial must stop now."""
-        if self._asha is None:
-            return False
         loss = self._objective.loss(self._objective.value(metrics))
-        return self._asha.report(trial_id, step, loss) is not None
+        return self._scheduler.on_trial_result(trial_id, step, loss).action == STOP
+
+    def round(self, evaluated: list[tuple]) -> dict[str, Exploit]:
+        """A pack's round of evaluations, [(trial_id, step, metrics, values, max_steps)]: the
+        trials that take another's state, as the engine's `Exploit`s."""
+        reports = [Report(tid, step, self._objective.loss(self._objective.value(metrics)),
+                          values, max_steps) for tid, step, metrics, values, max_steps in evaluated]
+        return {tid: Exploit(d.source, d.values, d.reason)
+                for tid, d in self._scheduler.on_pack_results(reports).items()
+                if d.action == EXPLOIT}
 
     def pending_stops(self) -> list[str]:
         """Trials that must stop (ruled out at a rung, possibly after they passed it)."""
-        return self._asha.pending_stops() if self._asha is not None else []
+        return self._scheduler.pending()
 
     def next_trial(self, pack_id: str, group: str) -> TrialSpec | None:
         """The next waiting trial for a freed slot in `pack_id` (of `group`), or None."""
@@ -111,8 +122,7 @@ class SearchCoordinator:
 
     def ended(self, trial_id: str) -> None:
         """A trial ended in a worker (whatever its status)."""
-        if self._asha is not None:
-            self._asha.forget(trial_id)
+        self._scheduler.on_trial_complete(trial_id)
 
 
 class WorkerHooks:
@@ -124,6 +134,7 @@ class WorkerHooks:
         self._group = pack_key(base, specs[0].data.seq_len) if specs else ""
         self._asked = None  # an ObjectRef of pending_stops() in flight
         self._stops: set[str] = set()
+        self._max_steps = {s.trial_id: s.max_steps for s in specs}
         self.backfilled: list[TrialSpec] = []
 
     def on_metrics(self, trial_id: str, step: int, metrics: dict) -> bool:
@@ -142,6 +153,14 @@ class WorkerHooks:
             self._asked = None
         return trial_id in self._stops
 
+    def exploit(self, evaluated: list[tuple]) -> dict[str, Exploit]:
+        """The engine's `exploit`: this pack's round [(trial_id, step, metrics, values)]."""
+        import ray
+
+        rows = [(tid, step, {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+                 values, self._max_steps.get(tid, step)) for tid, step, metrics, values in evaluated]
+        return ray.get(self._coordinator.round.remote(rows))
+
     def next_trial(self) -> TrialSpec | None:
         """The next waiting trial for this pack's freed slot, or None (the queue is empty)."""
         import ray
@@ -149,6 +168,7 @@ class WorkerHooks:
         spec = ray.get(self._coordinator.next_trial.remote(self._pack_id, self._group))
         if spec is not None:
             self.backfilled.append(spec)
+            self._max_steps[spec.trial_id] = spec.max_steps
         return spec
 
     def on_trial_end(self, trial_id: str) -> None:

@@ -44,7 +44,7 @@ def round_size(cfg: Config, slots: int | None = None) -> int:
 class OptunaSearch:
     """Ask/tell over one in-memory study, turning proposals into this project's `Trial`s."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, trials: list | None = None):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -104,6 +104,32 @@ class OptunaSearch:
             self.trials.append(trial)
             new.append(trial)
         return new
+
+    # -- as a `Searcher` (orchestrator.search.protocols) ----------------------------------------
+
+    @property
+    def expected(self) -> int:
+        return self.budget
+
+    def suggest(self, n: int) -> list[Trial]:
+        """The next round (up to `n`), once every trial of the round before has its result."""
+        self.round = n  # recorded on the parent run
+        if self.waiting_for_results or not self.remaining:
+            return []
+        return self.ask(n)
+
+    def on_trial_result(self, trial_id: str, step: int, value: float) -> None:
+        self.report(trial_id, step, value)
+
+    def on_trial_complete(self, trial_id: str, status: str, value: float | None) -> None:
+        self.tell(trial_id, status, value)
+
+    def params(self) -> dict:
+        return {"optuna_round_size": getattr(self, "round", None) or round_size(self.cfg),
+                "optuna_startup_trials": self.cfg.sweep.optuna.startup_trials,
+                "optuna_sampler": "TPESampler"}
+
+    # -- ask and tell --------------------------------------------------------------------------
 
     def report(self, trial_id: str, step: int, value: float) -> None:
         """An intermediate objective value of an open trial."""

@@ -71,6 +71,7 @@ SAMPLES_DIR = "samples"  # on a child: samples/step_000040.json, a table per eva
 NOTE_TAG = "mlflow.note.content"
 # Artifacts
 ADAPTER_DIR = "adapter"
+LINEAGE_TAG = "qlora.pbt_lineage"  # PBT: whose state a trial took, at which step, with what
 REPORT_DIR = "report"  # on the parent: the sweep's plots (orchestrator/report.py)
 
 #: Params whose names are promised as they are; every other setting is `<section>_<key>`.
@@ -144,3 +145,11 @@ def base_tags(name_or_path: str) -> dict[str, str]:
     from qlora.models import gguf_lineage
 
     return {BASE_TAG_PREFIX + k: v for k, v in gguf_lineage(name_or_path).items()}
+
+
+def lineage_text(exploits: list[dict]) -> str:
+    """A trial's PBT lineage for `LINEAGE_TAG`: `step 10: from <trial> (learning_rate 0.00016,
+    ...)`, one entry per exploit, oldest first."""
+    return "; ".join(
+        f"step {e['step']}: from {e['source']} ("
+        + ", ".join(f"{k} {v:.3g}" for k, v in e["values"].items()) + ")" for e in exploits)

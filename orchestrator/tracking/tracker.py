@@ -46,6 +46,7 @@ from orchestrator.tracking.keys import (
     EXPERIMENT_KIND_TAG,
     FAILURE_TAG,
     FLUSH_INTERVAL_S,
+    LINEAGE_TAG,
     OOM_SPLITS_TAG,
     PARENT_TAG,
     RESTARTS_TAG,
@@ -64,6 +65,7 @@ from orchestrator.tracking.keys import (
     _truncate,
     base_tags,
     is_local_store,
+    lineage_text,
     samples_file,
     sweep_params,
     trial_params,
@@ -71,6 +73,7 @@ from orchestrator.tracking.keys import (
 from orchestrator.tracking.patient import PatientClient
 from orchestrator.tracking.resume import Resuming
 from qlora.config import TrialStatus
+from qlora.exploit import EXPLOIT
 from qlora.metrics import SAMPLES
 
 if TYPE_CHECKING:
@@ -98,6 +101,7 @@ class Tracker(Resuming):
         self._last_flush = 0.0
         self._logged: set[tuple[str, str, int]] = set()  # (trial_id, key, step) already buffered
         self._counts: dict[tuple[str, str], int] = {}  # (trial_id, counter tag) -> value
+        self._lineage: dict[str, list[dict]] = {}  # trial_id -> its exploits streamed (PBT)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -175,6 +179,11 @@ class Tracker(Resuming):
             if key == SAMPLES:
                 self.client.later(functools.partial(self.log_samples, trial_id, step, value))
                 continue
+            if key == EXPLOIT:  # PBT: this trial took another's state (the lineage tag)
+                self._lineage.setdefault(trial_id, []).append(value)
+                self.client.later(functools.partial(self._set_tags, run_id, {
+                    LINEAGE_TAG: lineage_text(self._lineage[trial_id])}))
+                continue
             buf.append(Metric(key=key, value=float(value), timestamp=ms, step=int(step)))
             self._logged.add((trial_id, key, int(step)))
 
@@ -233,6 +242,8 @@ class Tracker(Resuming):
         if adapter_dir is not None:
             self.client.log_artifacts(run_id, str(adapter_dir), ADAPTER_DIR)
         run_tags = {STATUS_TAG: result.status, STEPS_TAG: result.steps, **(tags or {})}
+        if result.exploits:  # every exploit, those before a resume included (from the checkpoint)
+            run_tags[LINEAGE_TAG] = lineage_text(result.exploits)
         run_tags.update({DATA_TAG_PREFIX + k: str(v) for k, v in (result.data or {}).items()
                          if v is not None})
         if not TrialStatus(result.status).succeeded:
