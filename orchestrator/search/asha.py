@@ -135,6 +135,13 @@ class AshaScheduler:
         self.rungs, self.eta = list(config.sweep.asha.rungs), config.sweep.asha.eta
         self.asha = Asha(self.rungs, self.eta, num_trials, objective)
 
+    @classmethod
+    def of(cls, asha: Asha) -> AshaScheduler:
+        """The scheduler around a rung table built already."""
+        scheduler = cls.__new__(cls)
+        scheduler.rungs, scheduler.eta, scheduler.asha = asha.fractions, asha.eta, asha
+        return scheduler
+
     def eval_every(self, eval_every: int, max_steps: int) -> int:
         return eval_every_for(eval_every, rung_steps(max_steps, self.rungs))
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from orchestrator.search.asha import Asha, AshaScheduler
 from orchestrator.search.objective import Objective
 from orchestrator.search.protocols import EXPLOIT, STOP, Report, Scheduler
 from orchestrator.search.schedulers import Fifo
@@ -33,7 +34,9 @@ from qlora.exploit import Exploit
 class SearchCoordinator:
     """A scheduler and the queue of trials waiting for a slot (used as a Ray actor)."""
 
-    def __init__(self, scheduler: Scheduler | None, objective: Objective | None = None):
+    def __init__(self, scheduler: Scheduler | Asha | None, objective: Objective | None = None):
+        if isinstance(scheduler, Asha):  # a bare rung table (as tests build one)
+            scheduler = AshaScheduler.of(scheduler)
         self._scheduler = scheduler if scheduler is not None else Fifo()
         self._objective = objective or Objective()
         self._waiting: dict[str, deque[TrialSpec]] = {}  # group -> specs in the order to run
