@@ -29,7 +29,7 @@ def _pbt_config(tmp_path, **pbt):
 def test_pbt_decides_from_the_pack_round_and_the_seed_alone(tmp_path):
     pbt = Pbt(normalize(_pbt_config(tmp_path)), 4)
     reports = [Report(f"t{i}", 4, loss, {"learning_rate": lr, "dropout": 0.0, "weight_decay": 0.0},
-                      8) for i, (loss, lr) in enumerate(zip([2.0, 3.0, 1.0, 4.0], LRS))]
+                      8) for i, (loss, lr) in enumerate(zip([2.0, 3.0, 1.0, 4.0], LRS, strict=True))]
     decisions = pbt.on_pack_results(reports)
     assert list(decisions) == ["t3"]  # the worst of 4, quantile 0.25: one
     [d] = decisions.values()
@@ -38,6 +38,10 @@ def test_pbt_decides_from_the_pack_round_and_the_seed_alone(tmp_path):
     assert pbt.on_pack_results(list(reversed(reports))) == decisions  # order does not matter
     assert pbt.on_pack_results([replace(r, step=3) for r in reports]) == {}  # not an interval
     assert pbt.on_pack_results([replace(r, step=8) for r in reports]) == {}  # the end
+    # Trials of other ranks never take each other's state: two shapes, two populations of 2.
+    mixed = [replace(r, shape="r4" if i % 2 else "r8") for i, r in enumerate(reports)]
+    assert {t: d.source for t, d in pbt.on_pack_results(mixed).items()} == {"t0": "t2",
+                                                                              "t3": "t1"}
 
 
 @pytest.mark.slow
