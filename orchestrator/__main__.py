@@ -12,7 +12,6 @@ Exit status: 0 every trial finished, 1 a trial failed, 2 a bad config or an unre
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from typing import Any, NoReturn
 
@@ -145,12 +144,7 @@ def _dry_run(config: Config) -> str:
     if config.sweep.strategy == "optuna":
         note += (f"optuna: the first round of a budget of {config.sweep.num_trials}; later rounds "
                 "are proposed from the results\n")
-    # The steps each trial trains (train.num_epochs resolved on the train split, as the worker
-    # does, when the trial is made), not the config's train.max_steps, which epochs replace.
-    steps = sorted({t.spec.max_steps for t in trials}) or [config.train.max_steps]
-    shown = dataclasses.replace(config, train=dataclasses.replace(
-        config.train, max_steps=steps[0] if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"))
-    return (f"{format_trials(shown, trials)}\n{note}"
+    return (f"{format_trials(config, trials)}\n{note}"
             "dry run: nothing was started (drop dry_run=true to run the sweep)")
 
 

@@ -112,12 +112,17 @@ def _draw(rng: random.Random, spec: Any) -> Any:
 
 
 def format_trials(cfg: Config, trials: list[Trial]) -> str:
-    """A plain-text table of `trials` under one line describing the sweep (for dry runs and logs)."""
+    """A plain-text table of `trials` under one line describing the sweep (for dry runs and logs).
+    The steps are those the trials train (`train.num_epochs` resolved on the train split, as the
+    worker does), not the config's `train.max_steps`, which epochs replace; a range where
+    trials differ."""
     swept = list(cfg.sweep.params)
+    steps = sorted({t.spec.max_steps for t in trials}) or [cfg.train.max_steps]
+    shown = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
     head = (f"sweep {cfg.sweep.name} ({cfg.sweep.strategy}): {len(trials)} trial"
             f"{'' if len(trials) == 1 else 's'} on {cfg.model.name_or_path} "
             f"({cfg.quant.type}, {cfg.quant.compute_dtype}), data {cfg.data.path or 'bundled'}, "
-            f"{cfg.train.max_steps} steps, up to {cfg.pack.max_adapters} per pack")
+            f"{shown} steps, up to {cfg.pack.max_adapters} per pack")
     rows = [["#", "trial_id", "name", *swept]]
     for i, t in enumerate(trials, 1):
         values = [fmt_number(t.params[k]) if isinstance(t.params[k], float) else str(t.params[k])
