@@ -114,7 +114,7 @@ def train_pack(
     """Train `trials` together on `base`; return one TrialResult per trial, in the order they ended.
 
     `exploit` (population-based training: `qlora.exploit.exploit_round`) hears each evaluation
-    round, [(trial_id, step, metrics, values, shape)], and names trials that take another's state.
+    round, [(trial_id, step, metrics, values, form)], and names trials that take another's state.
 
     Each trial's numbers equal those of the same trial trained alone (float tolerance). The base
     holds no adapter afterwards and may train the next pack. `datasets` may supply tokenized data

@@ -101,11 +101,11 @@ class SearchCoordinator:
         return self._scheduler.on_trial_result(trial_id, step, loss).action == STOP
 
     def round(self, evaluated: list[tuple]) -> dict[str, Exploit]:
-        """A pack's round of evaluations, [(trial_id, step, metrics, values, shape, max_steps)]:
+        """A pack's round of evaluations, [(trial_id, step, metrics, values, form, max_steps)]:
         the trials that take another's state, as the engine's `Exploit`s."""
         reports = [Report(tid, step, self._objective.loss(self._objective.value(metrics)),
-                          values, max_steps, shape)
-                   for tid, step, metrics, values, shape, max_steps in evaluated]
+                          values, max_steps, form)
+                   for tid, step, metrics, values, form, max_steps in evaluated]
         return {tid: Exploit(d.source, d.values, d.reason)
                 for tid, d in self._scheduler.on_pack_results(reports).items()
                 if d.action == EXPLOIT}
@@ -158,12 +158,12 @@ class WorkerHooks:
         return trial_id in self._stops
 
     def exploit(self, evaluated: list[tuple]) -> dict[str, Exploit]:
-        """The engine's `exploit`: this pack's round [(trial_id, step, metrics, values, shape)]."""
+        """The engine's `exploit`: this pack's round [(trial_id, step, metrics, values, form)]."""
         import ray
 
         rows = [(tid, step, {k: v for k, v in metrics.items() if isinstance(v, int | float)},
-                 values, shape, self._max_steps.get(tid, step))
-                for tid, step, metrics, values, shape in evaluated]
+                 values, form, self._max_steps.get(tid, step))
+                for tid, step, metrics, values, form in evaluated]
         return ray.get(self._coordinator.round.remote(rows))
 
     def next_trial(self) -> TrialSpec | None:

@@ -13,7 +13,8 @@ its one MLflow run. A decision depends only on the pack's evaluations at that st
 never on timing or on other packs, so a resumed sweep (its trials continue from checkpoints that
 hold what they took) makes the same decisions again. Population = a pack: put the trials that
 should compete in one pack (`pack.max_adapters` >= the trials of a base); trials in different
-packs do not exploit each other, and a trial takes only the state of trials of its own ranks.
+packs do not exploit each other, and a trial takes only the state of trials of its own form
+(modules, ranks, alpha: the same weights under another scale would be another function).
 """
 
 from __future__ import annotations
@@ -60,12 +61,12 @@ class Pbt:
 
     def on_pack_results(self, reports: list[Report]) -> dict[str, Decision]:
         """The exploits of one pack's round: bottom quantile <- top quantile, among the trials of
-        one shape (the same ranks and modules)."""
+        one form (the same modules, ranks and scales)."""
         ready = [r for r in reports
                  if r.step % self.interval == 0 and r.step < r.max_steps and math.isfinite(r.loss)]
         out: dict[str, Decision] = {}
-        for shape in sorted({r.shape for r in ready}):
-            out.update(self._exploits([r for r in ready if r.shape == shape]))
+        for form in sorted({r.form for r in ready}):
+            out.update(self._exploits([r for r in ready if r.form == form]))
         return out
 
     def _exploits(self, ready: list[Report]) -> dict[str, Decision]:

@@ -43,15 +43,15 @@ GO_ON = Decision()
 @dataclass(frozen=True)
 class Report:
     """One trial's evaluation in a pack's round: the objective as a loss (smaller is better),
-    its current mutable hyperparameters (TrialSpec field -> value), its budget, and what its
-    tensors' shapes follow from (only trials of one shape can take each other's state)."""
+    its current mutable hyperparameters (TrialSpec field -> value), its budget, and its form
+    (`qlora.exploit.form_of`: only trials of one form can take each other's state)."""
 
     trial_id: str
     step: int
     loss: float
     values: dict
     max_steps: int
-    shape: str = ""
+    form: str = ""
 
 
 class Searcher(Protocol):

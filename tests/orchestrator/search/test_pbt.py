@@ -39,7 +39,7 @@ def test_pbt_decides_from_the_pack_round_and_the_seed_alone(tmp_path):
     assert pbt.on_pack_results([replace(r, step=3) for r in reports]) == {}  # not an interval
     assert pbt.on_pack_results([replace(r, step=8) for r in reports]) == {}  # the end
     # Trials of other ranks never take each other's state: two shapes, two populations of 2.
-    mixed = [replace(r, shape="r4" if i % 2 else "r8") for i, r in enumerate(reports)]
+    mixed = [replace(r, form="r4" if i % 2 else "r8") for i, r in enumerate(reports)]
     assert {t: d.source for t, d in pbt.on_pack_results(mixed).items()} == {"t0": "t2",
                                                                               "t3": "t1"}
 
