@@ -75,9 +75,10 @@ class Pbt:
         ready.sort(key=lambda r: (r.loss, r.trial_id))
         n = max(1, math.floor(len(ready) * self.quantile))
         top, bottom = ready[:n], ready[-n:]
+        best = {r.trial_id for r in top}
         out = {}
         for report in bottom:
-            if report in top:
+            if report.trial_id in best:
                 continue
             rng = random.Random(stable_hash([self.seed, report.trial_id, report.step], 16))
             source = rng.choice(top)

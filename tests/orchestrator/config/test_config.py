@@ -171,7 +171,7 @@ def _leaves(tree, prefix: str = "") -> dict:
     """A YAML mapping's leaves by dotted key (`# @package _global_` files: from the root)."""
     out = {}
     for k, v in tree.items():
-        if isinstance(v, dict) and k != "params":
+        if isinstance(v, dict) and k not in ("params", "mutations"):  # mappings as values
             out.update(_leaves(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
