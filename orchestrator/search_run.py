@@ -93,7 +93,10 @@ class SearchRun:
                 if group[self.slots:]:
                     ray.get(self._coordinator.add_waiting.remote(
                         key, [t.spec for t in group[self.slots:]]))
-        return plan(first, self.config.pack.max_adapters, self.num_workers, **self._memory)
+        # Spread over the workers, unless a pack must stay what it was (PBT's populations): a
+        # resumed sweep plans its unfinished trials again, and must cut the same packs.
+        spread = 1 if self.scheduler.keeps_packs else self.num_workers
+        return plan(first, self.config.pack.max_adapters, spread, **self._memory)
 
     def dispatch_options(self) -> dict:
         """`dispatch`'s hooks (a live scheduler's) and refill (more trials when a worker idles)."""

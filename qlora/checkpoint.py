@@ -37,6 +37,10 @@ KEEP = 2  # complete checkpoints kept per trial
 FILES = ("adapter.safetensors", "optimizer.safetensors", "state.json")
 
 
+def _step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
 def is_uri(root: str | Path) -> bool:
     """True for `scheme://...` (fsspec), False for a local path (`file://` included)."""
     text = str(root)
@@ -50,7 +54,7 @@ def trial_dir(root: str | Path, trial_id: str) -> Path:
 def save(root: str | Path, trial_id: str, adapter: dict[str, torch.Tensor],
          optimizer: torch.optim.Optimizer, state: dict) -> Path | str:
     """Write one checkpoint of trial `trial_id` at `state["step"]`; returns its folder."""
-    name = f"step-{state['step']:06d}"
+    name = _step_name(state["step"])
     tensors, scalars = _split_optimizer(optimizer.state_dict())
     blobs = {"adapter.safetensors": save_bytes(adapter),
              "optimizer.safetensors": save_bytes(tensors),
@@ -148,14 +152,19 @@ def check_folder(folder: str | Path) -> str:
     return folder.name
 
 
-def load(root: str | Path, trial_id: str):
-    """The newest complete checkpoint of `trial_id` as (adapter, optimizer_state, state), or None."""
+def load(root: str | Path, trial_id: str, step: int | None = None):
+    """The newest complete checkpoint of `trial_id` as (adapter, optimizer_state, state), or
+    None; with `step`, the one of that step (None if it is not kept)."""
     if is_uri(root):
         fs, base = _fs(str(root))
         folder = f"{base}/{trial_id}"
         if not fs.exists(f"{folder}/latest"):
             return None
-        step = f"{folder}/{fs.cat_file(f'{folder}/latest').decode().strip()}"
+        name = (_step_name(step) if step is not None
+                else fs.cat_file(f"{folder}/latest").decode().strip())
+        if step is not None and not fs.exists(f"{folder}/{name}/state.json"):
+            return None
+        step = f"{folder}/{name}"
 
         def read(file: str) -> bytes:
             return fs.cat_file(f"{step}/{file}")
@@ -164,7 +173,9 @@ def load(root: str | Path, trial_id: str):
         pointer = folder / "latest"
         if not pointer.exists():
             return None
-        step_path = folder / pointer.read_text().strip()
+        step_path = folder / (_step_name(step) if step is not None else pointer.read_text().strip())
+        if not (step_path / "state.json").exists():
+            return None
 
         def read(file: str) -> bytes:
             return (step_path / file).read_bytes()

@@ -41,35 +41,17 @@ from .adapters import adapter_state, inject, load_adapter_state, remove, routing
 from .base import Base
 from .config import DataSpec, TrialSpec, TrialStatus
 from .data import data_info
-from .exploit import Exploit, exploit_round, set_values
+from .exploit import Exploit, align, exploit_round, set_values
 from .export import adapter_files
 from .generate import SAMPLES, judge
 from .layer import Segment, label
 from .optim import build_optimizer, clip_, grad_norm, lr_at
+from .result import TrialResult
 from .stream import IGNORE, TrialStream, collate
 
 EVAL_BATCH_SIZE = 8
 
 MetricsCallback = Callable[[str, int, dict], "bool | None"]
-
-
-@dataclass
-class TrialResult:
-    """How a trial ended. `adapter` holds its PEFT files for finished (and early-stopped) trials."""
-
-    trial_id: str
-    status: TrialStatus
-    steps: int
-    eval_loss: float | None
-    train_losses: list[float] = field(default_factory=list)
-    eval_history: list[tuple[int, float]] = field(default_factory=list)
-    reason: str | None = None
-    adapter: dict[str, bytes] | None = None
-    data: dict = field(default_factory=dict)  # data_hash and example counts, to trace the result
-    spec: TrialSpec | None = None  # what it trained with
-    eval_metrics: dict = field(default_factory=dict)  # the last evaluation's: eval_loss, eval_...
-    samples: list[dict] = field(default_factory=list)  # the last evaluation's generated answers
-    exploits: list[dict] = field(default_factory=list)  # PBT: {step, source, values} of each copy
 
 
 @dataclass
@@ -133,6 +115,10 @@ def train_pack(
     try:
         for spec in trials:
             slots.append(_open_slot(base, spec, data_cache, checkpoint_dir))
+        if exploit is not None and checkpoint_dir is not None:  # PBT: a pack's rounds, one step
+            given = {t.trial_id: t for t in trials}
+            slots = align(slots, lambda s, step: _reopen(base, given[s.spec.trial_id], s,
+                                                         data_cache, checkpoint_dir, step))
         while True:
             for slot in slots:  # trials that ended last round, or were restored already ended
                 if slot.done and not slot.closed:
@@ -181,6 +167,18 @@ def _open_slot(base: Base, spec: TrialSpec, data_cache: dict, checkpoint_dir=Non
     if saved is not None:
         _restore(base, slot, *saved)
     return slot
+
+
+def _reopen(base: Base, spec: TrialSpec, slot: _Slot, data_cache, root, step: int) -> _Slot:
+    """`spec`'s slot again from its checkpoint of `step` (fresh at 0); `slot` if none is kept."""
+    saved = checkpoint.load(root, spec.trial_id, step) if step else None
+    if step and saved is None:
+        return slot
+    remove(base, slot.key)
+    fresh = _open_slot(base, spec, data_cache)
+    if saved is not None:
+        _restore(base, fresh, *saved)
+    return fresh
 
 
 def _restore(base: Base, slot: _Slot, adapter: dict, optimizer_state: dict, state: dict) -> None:

@@ -130,6 +130,7 @@ class AshaScheduler:
 
     live = True
     backfill = True
+    keeps_packs = False
 
     def __init__(self, config, num_trials: int, objective: Objective | None = None):
         self.rungs, self.eta = list(config.sweep.asha.rungs), config.sweep.asha.eta

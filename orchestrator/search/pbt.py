@@ -10,11 +10,15 @@ learning rate, dropout, weight decay), never the rank.
 The trials of a pack share one process and one base, so the copy is a tensor copy of adapter
 and optimizer state inside the worker (`qlora.exploit`); each trial keeps its data stream and
 its one MLflow run. A decision depends only on the pack's evaluations at that step and the seed,
-never on timing or on other packs, so a resumed sweep (its trials continue from checkpoints that
-hold what they took) makes the same decisions again. Population = a pack: put the trials that
-should compete in one pack (`pack.max_adapters` >= the trials of a base); trials in different
-packs do not exploit each other, and a trial takes only the state of trials of its own form
-(modules, ranks, alpha: the same weights under another scale would be another function).
+never on timing or on other packs. So a resumed sweep makes the same decisions again: its
+trials continue from checkpoints that hold what they took, a pack's trials go back to one step
+(`qlora.exploit.align`), and packs are cut by `pack.max_adapters` alone (`keeps_packs`), so a
+resume re-forms the same ones.
+
+A population is a pack: put the trials that should compete in one pack (`pack.max_adapters` >=
+the trials of a base). Trials in different packs do not exploit each other, and a trial takes
+only the state of trials of its own form (modules, ranks, alpha: the same weights under another
+scale would be another function).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Pbt:
 
     live = True
     backfill = False  # the population trains at once: a waiting trial would be a generation late
+    keeps_packs = True  # a pack is a population: a resumed sweep must re-form the same ones
 
     def __init__(self, config, num_trials: int = 0, objective: Objective | None = None):
         pbt = config.sweep.pbt

@@ -66,6 +66,7 @@ class Searcher(Protocol):
 class Scheduler(Protocol):
     live: bool  # workers consult it while they train (through the coordinator actor)
     backfill: bool  # trials beyond the free slots wait for a freed slot of a running pack
+    keeps_packs: bool  # packs cut by pack.max_adapters alone, so a resume re-forms the same ones
 
     def eval_every(self, eval_every: int, max_steps: int) -> int: ...  # when to evaluate a trial
     def add_trial(self, trial_id: str, max_steps: int) -> None: ...

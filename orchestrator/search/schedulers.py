@@ -10,6 +10,7 @@ class Fifo:
 
     live = False
     backfill = False
+    keeps_packs = False
 
     def __init__(self, config=None, num_trials: int = 0, objective=None):
         pass

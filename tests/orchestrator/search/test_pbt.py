@@ -86,6 +86,7 @@ class StopAtFirstEvaluation:
 
     live = True
     backfill = False
+    keeps_packs = False
 
     def __init__(self, config, num_trials, objective=None):
         pass
@@ -136,3 +137,49 @@ def test_a_scheduler_added_through_the_registry_alone_runs_a_sweep(ray_session, 
     assert run.exit_code == 0
     assert run.parent.data.params["toy_scheduler"] == "stop at 2"
     assert {(r["status"], r["steps"]) for r in run.rows().values()} == {("stopped", 2)}
+
+
+PBT = ("sweep.scheduler=pbt", "sweep.pbt.interval=4", "pack.max_adapters=4",
+       "cluster.num_workers=1")
+
+
+@pytest.mark.slow
+def test_a_pbt_sweep_resumed_after_kill_9_of_its_driver_gives_the_same_numbers(ray_session,
+                                                                                tmp_path):
+    """The fault tests' sweep (r 4 and 8 x two learning rates, 16 steps, checkpoints every 4)
+    under PBT every 4 steps: run once, and run as a user runs it, its driver killed after the
+    step-8 checkpoints, then `resume=true`; every curve and every lineage the same."""
+    import os
+    import signal
+
+    from support.fault_sweeps import OVERRIDES, SWEEP, Cli, ledger_of, matches_reference
+
+    from orchestrator.config.compose import compose
+    from orchestrator.config.validate import validate
+    from orchestrator.sweep import run_sweep
+
+    ref = tmp_path / "reference"
+    config = validate(compose([*OVERRIDES, *PBT, f"tracking.uri=sqlite:///{ref}/mlflow.db",
+                               f"tracking.artifact_location={ref}/mlartifacts",
+                               f"output_dir={ref}/outputs"]))
+    assert run_sweep(config) == 0
+    reference = ledger_of(config.tracking.uri)
+    lineage = {tid: runs[-1].data.tags.get(LINEAGE_TAG) for tid, runs in reference.runs.items()}
+    assert sum(1 for text in lineage.values() if text) == 2  # the worse of each rank, each round
+
+    work = tmp_path / "cli"
+    work.mkdir()
+    cli = Cli(work, *PBT)
+    try:
+        cli.wait_for(lambda: any((work / "outputs" / SWEEP / "checkpoints").glob(
+            "*/*/step-000008")))
+        os.kill(cli.proc.pid, signal.SIGKILL)
+        cli.proc.wait(30)
+    finally:
+        cli.cleanup()
+    again = Cli(work, *PBT, "resume=true")
+    assert again.finish() == 0, again.output()
+    ledger = ledger_of(f"sqlite:///{work}/mlflow.db")
+    matches_reference(ledger, reference)
+    assert {tid: runs[-1].data.tags.get(LINEAGE_TAG) for tid, runs in ledger.runs.items()} == \
+        lineage
