@@ -113,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.exceptions import MlflowException
 
-    from orchestrator.load import LoadError
+    from orchestrator.load import LoadError, named
 
     try:
         out = export(args.source, args.out, merge=args.merge, dtype=args.dtype,
                      tracking_uri=args.tracking_uri, device=args.device)
     except (ExportError, LoadError, MlflowException) as e:
-        print(f"error: {args.source}: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {named(args.source, e)}", file=sys.stderr)
         return 2
     what = "merged model" if args.merge else "adapter"
     print(f"{what} written to {out}")

@@ -79,6 +79,12 @@ def resolve(client, ref: str) -> tuple[str, str, dict[str, str], object | None]:
     return run_id, source, tags, None
 
 
+def named(ref: str, error: BaseException) -> str:
+    """`<ref>: <the error's first line>`, the reference named once (errors of `resolve` name it)."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text if text.startswith(f"{ref}: ") else f"{ref}: {text}"
+
+
 def store_client(tracking_uri: str | None):
     """An `MlflowClient` on `tracking_uri` (None: MLflow's default), or `LoadError` for a SQLite
     store whose file does not exist: MLflow would create an empty one where the command runs,
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_adapter(args.ref, args.tracking_uri, device=args.device)
     except (LoadError, MlflowException) as e:
         at = "" if args.tracking_uri in str(e) else f" (at {args.tracking_uri})"
-        print(f"error: {args.ref}: {str(e).splitlines()[0]}{at}", file=sys.stderr)
+        print(f"error: {named(args.ref, e)}{at}", file=sys.stderr)
         return 2
     prompt = args.prompt
     if prompt is None:  # in the base's chat template where training used it

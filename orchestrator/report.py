@@ -244,11 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", action="store_true",
                         help="also log them to the parent run under report/ (replacing the old)")
     args = parser.parse_args(argv)
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from orchestrator.load import LoadError, store_client
+
     try:
-        client = MlflowClient(tracking_uri=args.tracking_uri)
+        client = store_client(args.tracking_uri)  # never an empty store where it runs
+    except LoadError as e:
+        print(f"error: --tracking-uri: {e}", file=sys.stderr)
+        return 2
+    try:
         parent = find_parent(client, args.experiment, args.sweep, args.run_id)
         out = args.out or str(Path("outputs") / (parent.info.run_name or parent.info.run_id))
         paths = report_for(client, parent, out, log=args.log)

@@ -205,3 +205,13 @@ def test_cli_on_a_missing_store_creates_none(cli, args, store, tmp_path, monkeyp
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: {ref}: no tracking store at {uri}"), line
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["elsewhere"]
+
+
+def test_report_on_a_missing_store_creates_none(tmp_path, monkeypatch, capsys):
+    from orchestrator.report import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--sweep", "any"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --tracking-uri: no tracking store at sqlite:///mlflow.db"), line
+    assert list(tmp_path.iterdir()) == []
