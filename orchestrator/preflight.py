@@ -58,6 +58,10 @@ def check_data(cfg: Config) -> None:
 
     seen: set[tuple] = set()
     for data in [cfg.data, *(t.config.data for t in expand(cfg))]:
+        if data.eval_path is None and data.eval_fraction == 0:  # (a sweep may set it per trial)
+            raise ConfigError("data.eval_fraction", "0 holds out no eval split, and a trial with "
+                                                    "no eval example has no eval_loss to rank; "
+                                                    "give a fraction in (0, 1) or data.eval_path")
         for key, path in (("data.path", data.path), ("data.eval_path", data.eval_path)):
             if path is None or (path, data.format, data.skip_invalid) in seen:
                 continue
@@ -72,6 +76,9 @@ def check_data(cfg: Config) -> None:
             if info.get("skipped"):
                 print(f"note: {key}: {path}: {info['skipped']} invalid rows will be skipped "
                       f"(data.skip_invalid=true), {info['rows']} kept", file=sys.stderr)
+            if key == "data.path" and data.eval_path is None and info["rows"] < 2:
+                raise ConfigError(key, f"{path} has {info['rows']} row(s): too few to hold out an "
+                                       "eval split (2 or more, or give data.eval_path)")
 
 
 def check_model(cfg: Config) -> None:
@@ -122,7 +129,23 @@ def check_tracking(cfg: Config) -> None:
             _check_writable_dir("tracking.artifact_location", Path(os.path.expanduser(location)))
     elif uri.startswith(("http://", "https://")):
         _check_mlflow_server(key, uri.rstrip("/"))
+    else:  # a database URL: its driver must be installed (no connection is tried here)
+        _check_db_driver(key, uri)
 
+
+def _check_db_driver(key: str, uri: str) -> None:
+    """The SQLAlchemy dialect and DB-API driver of a database URL import."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+    except ImportError as e:
+        scheme = uri.split("://", 1)[0]
+        raise ConfigError(key, f"no driver for {scheme}:// is installed ({e}); install it "
+                               "(postgresql: psycopg or psycopg2-binary, mysql: pymysql or mysqlclient, "
+                               "mssql: pyodbc), or use sqlite:///PATH or an MLflow server") from None
+    except Exception as e:  # a URL SQLAlchemy cannot read
+        raise ConfigError(key, f"not a database URL SQLAlchemy can use: {type(e).__name__}") from None
 
 def check_storage(cfg: Config) -> None:
     """`cluster.storage`: the folder or bucket takes a write (orchestrator.cluster.storage)."""

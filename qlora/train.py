@@ -166,6 +166,9 @@ def _open_slot(base: Base, spec: TrialSpec, data_cache: dict, checkpoint_dir=Non
     saved = checkpoint.load(checkpoint_dir, spec.trial_id) if checkpoint_dir else None
     if saved is not None:
         _restore(base, slot, *saved)
+    if not data.eval and not slot.done:  # an eval_loss over no token would read 0.0, the best
+        _end(slot, TrialStatus.FAILED, "its eval split holds no example (none held out, or all "
+                                       "dropped at its seq_len): nothing to judge it by")
     return slot
 
 

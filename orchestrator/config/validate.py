@@ -78,10 +78,16 @@ def _check_eval(config: Config) -> None:
     known = list(BUILTIN_OBJECTIVES)
     if config.eval.metric is not None:
         try:
-            load_metric(config.eval.metric)
+            fn = load_metric(config.eval.metric)
         except ValueError as e:
             raise ConfigError("eval.metric", str(e)) from None
-        known.append(f"eval_{metric_name(config.eval.metric)}")
+        _try_metric(config.eval.metric, fn)
+        logged = f"eval_{metric_name(config.eval.metric)}"
+        if logged in BUILTIN_OBJECTIVES:
+            raise ConfigError("eval.metric", f"{config.eval.metric!r} would log {logged} over the "
+                                             f"built-in one; name the function otherwise (not "
+                                             f"{', '.join(m[5:] for m in BUILTIN_OBJECTIVES)})")
+        known.append(logged)
     if config.sweep.objective not in known:
         raise ConfigError("sweep.objective", f"must be one of {', '.join(known)} (the metrics "
                                              f"each evaluation logs), got {config.sweep.objective!r}")
@@ -90,9 +96,35 @@ def _check_eval(config: Config) -> None:
                                              "set eval.num_samples >= 1, or use eval_loss")
 
 
+def _try_metric(path: str, fn) -> None:
+    """Call a user metric once, as evaluation will: (prediction, reference) -> a number. One that
+    raises or answers otherwise would fail its trials after they trained."""
+    try:
+        value = fn("the cat sat", "the cat sat")
+    except Exception as e:
+        raise ConfigError("eval.metric", f"{path}('the cat sat', 'the cat sat') raised "
+                                         f"{type(e).__name__}: {e}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError("eval.metric", f"{path} must return a number (a float per answer), "
+                                         f"returned {type(value).__name__} {value!r:.40}")
+
+
+def masked(uri: str) -> str:
+    """`uri` with the password of its user part (`scheme://user:PASSWORD@host`) as `***`."""
+    return re.sub(r"^([A-Za-z][\w+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", uri)
+
+
 def _check_tracking_uri(uri: str) -> None:
     key = "tracking.uri"
     scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    userinfo = re.match(r"^[A-Za-z][\w+.-]*://([^/@]*)@", uri)
+    if userinfo and (":" in userinfo.group(1) or scheme in ("http", "https")):
+        where = ("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                 if scheme in ("http", "https") else
+                 "the database's own settings (PGPASSWORD or ~/.pgpass, MYSQL_PWD, ...), with "
+                 "only the user in the URI")
+        raise ConfigError(key, f"{masked(uri)}: credentials do not belong in the URI (it is "
+                               f"printed, logged and recorded); give them in {where}")
     if scheme == "file" or not scheme or (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):
         raise ConfigError(
             key,

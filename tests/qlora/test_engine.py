@@ -248,3 +248,24 @@ def test_storage_bits_bf16_gpu():
     assert measured_bits_per_weight(base.model) == pytest.approx(16.0)
     nf4 = load_base(BaseSpec(quant_type="nf4", compute_dtype="bfloat16"), device="cuda")
     assert measured_bits_per_weight(nf4.model) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-9)
+
+
+def test_a_trial_with_no_eval_example_fails_instead_of_scoring_zero():
+    """An empty eval split (none held out, or every eval row dropped at the trial's seq_len)
+    once read as eval_loss 0.0, the best, and was crowned; it now fails that trial alone."""
+    from support.engine import Tokenized, examples
+
+    from qlora import DataSpec
+
+    base = make_base(gc=False)
+    empty = DataSpec(seq_len=48, eval_fraction=0.25)  # another spec: its own (empty) eval split
+    judged = TrialSpec(trial_id="judged", seed=1, r=4, alpha=8.0, max_steps=2, eval_every=1,
+                       micro_batch_size=2, data=DATA)
+    blind = TrialSpec(trial_id="blind", seed=2, r=4, alpha=8.0, max_steps=2, eval_every=1,
+                      micro_batch_size=2, data=empty)
+    data = {DATA: Tokenized(examples(16, 0), examples(4, 1)), empty: Tokenized(examples(16, 0), [])}
+    results = {r.trial_id: r for r in train_pack(base, [judged, blind], datasets=data)}
+    assert results["blind"].status == "failed" and results["blind"].eval_loss is None
+    assert "eval split holds no example" in results["blind"].reason
+    assert results["blind"].adapter is None
+    assert results["judged"].status == "finished" and results["judged"].eval_loss > 0

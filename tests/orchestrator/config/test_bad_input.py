@@ -21,6 +21,7 @@ from orchestrator.search.params import normalize
 
 REPO = Path(__file__).resolve().parents[3]
 GOOD_ROW = '{"instruction": "Say hi.", "input": "", "output": "hi"}\n'
+SECRET = "s3cr3t-pw"
 
 
 def _files(folder: Path) -> None:
@@ -28,6 +29,7 @@ def _files(folder: Path) -> None:
     (folder / "empty.jsonl").write_text("")
     (folder / "malformed.jsonl").write_text(GOOD_ROW + '{"instruction": "x", "output": \n')
     (folder / "good.jsonl").write_text(GOOD_ROW * 4)
+    (folder / "one.jsonl").write_text(GOOD_ROW)
     (folder / "not_a_model").mkdir()
     (folder / "bin_model").mkdir()  # a saved model whose weights are not safetensors
     (folder / "bin_model" / "config.json").write_text('{"model_type": "llama"}')
@@ -153,6 +155,20 @@ CASES = [
      "eval.metric: cannot import 'no_such_pkg.scores'"),
     ("metric-no-function", ["eval.metric=qlora.metrics:nope"],
      "eval.metric: module 'qlora.metrics' has no attribute 'nope'"),
+    # A user metric is called once before training: one that raises or answers text is refused.
+    ("metric-raises", ["eval.metric=math:hypot"],
+     "eval.metric: math:hypot('the cat sat', 'the cat sat') raised TypeError"),
+    ("metric-returns-text", ["eval.metric=os.path:join"],
+     "eval.metric: os.path:join must return a number (a float per answer), returned str"),
+    # A user metric would log eval_exact_match over the built-in one (and could win by it).
+    ("metric-shadows-a-built-in", ["eval.metric=qlora.metrics:exact_match"],
+     "eval.metric: 'qlora.metrics:exact_match' would log eval_exact_match over the built-in"),
+    # No eval split: eval_loss would read 0.0, the best, and crown the trial.
+    ("eval-fraction-0", ["data.eval_fraction=0"], "data.eval_fraction: 0 holds out no eval split"),
+    ("eval-fraction-0-swept", ["++sweep.params={data.eval_fraction: [0.1, 0.0]}"],
+     "data.eval_fraction: 0 holds out no eval split"),
+    ("one-row-file", ["data.path=one.jsonl"],
+     "data.path: one.jsonl has 1 row(s): too few to hold out an eval split"),
     ("unknown-objective", ["sweep.objective=accuracy"],
      "sweep.objective: must be one of eval_loss, eval_exact_match, eval_token_f1"),
     ("objective-of-absent-metric", ["sweep.objective=eval_f1"],
@@ -160,6 +176,14 @@ CASES = [
     ("objective-without-samples", ["sweep.objective=eval_exact_match", "eval.num_samples=0"],
      "sweep.objective: eval_exact_match needs generated answers"),
     ("mode=up", ["sweep.mode=up"], "sweep.mode: must be min or max, got 'up'"),
+    # A password in the tracking URI would be printed, logged and recorded: refused, masked.
+    ("tracking-uri-password", [f"tracking.uri=postgresql://u:{SECRET}@db.example/mlflow"],
+     "tracking.uri: postgresql://u:***@db.example/mlflow: credentials do not belong in the URI"),
+    ("tracking-uri-http-password", [f"tracking.uri=http://u:{SECRET}@127.0.0.1:1"],
+     "give them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
+    # A store whose driver is not installed is bad input, not a traceback after the start.
+    ("tracking-uri-no-driver", ["tracking.uri=mssql+pyodbc://u@db.example/mlflow"],
+     "tracking.uri: no driver for mssql+pyodbc:// is installed"),
 ]
 
 
@@ -199,6 +223,9 @@ def test_bad_input_is_one_line_and_status_2(runs, name, expected):
     assert "Traceback" not in result.stderr + result.stdout
     assert not (folder / "mlflow.db").exists()
     assert not (folder / "outputs").exists()
+    assert SECRET not in result.stdout + result.stderr
+    written = [p for p in folder.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not written, written
 
 
 def test_known_model_that_cannot_be_fetched(tmp_path):
