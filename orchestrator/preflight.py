@@ -39,6 +39,7 @@ def preflight(cfg: Config) -> None:
     check_storage(cfg)
     check_data(cfg)
     check_model(cfg)
+    check_positions(cfg)
     check_resume(cfg)
 
 
@@ -79,6 +80,29 @@ def check_data(cfg: Config) -> None:
             if key == "data.path" and data.eval_path is None and info["rows"] < 2:
                 raise ConfigError(key, f"{path} has {info['rows']} row(s): too few to hold out an "
                                        "eval split (2 or more, or give data.eval_path)")
+
+
+def check_positions(cfg: Config) -> None:
+    """Every trial's `train.seq_len` fits the model's positions (`max_position_embeddings` of the
+    tiny model's settings or of a model folder's config.json; a model not on disk yet is checked
+    when it loads)."""
+    from orchestrator.search.expand import expand
+
+    name = cfg.model.name_or_path
+    if name == "tiny":
+        from qlora.tiny import TINY_CONFIG
+
+        positions = TINY_CONFIG["max_position_embeddings"]
+    else:
+        config = Path(os.path.expanduser(name)) / "config.json"
+        try:
+            positions = json.loads(config.read_text()).get("max_position_embeddings")
+        except (OSError, ValueError):
+            return
+    longest = max([cfg.train.seq_len, *(t.spec.data.seq_len for t in expand(cfg))])
+    if isinstance(positions, int) and longest > positions:
+        raise ConfigError("train.seq_len", f"{longest} is beyond the {positions} positions of "
+                                           f"{name}; at most {positions}")
 
 
 def check_model(cfg: Config) -> None:

@@ -176,6 +176,9 @@ CASES = [
     ("objective-without-samples", ["sweep.objective=eval_exact_match", "eval.num_samples=0"],
      "sweep.objective: eval_exact_match needs generated answers"),
     ("mode=up", ["sweep.mode=up"], "sweep.mode: must be min or max, got 'up'"),
+    # Longer than the model's positions: once a failure after training started.
+    ("seq-len-beyond-positions", ["++sweep.params={train.seq_len: [64, 2048]}"],
+     "train.seq_len: 2048 is beyond the 1024 positions of tiny; at most 1024"),
     # A password in the tracking URI would be printed, logged and recorded: refused, masked.
     ("tracking-uri-password", [f"tracking.uri=postgresql://u:{SECRET}@db.example/mlflow"],
      "tracking.uri: postgresql://u:***@db.example/mlflow: credentials do not belong in the URI"),
