@@ -29,7 +29,8 @@ import random
 from orchestrator.config.rules import PBT_KEYS
 from orchestrator.search.objective import Objective
 from orchestrator.search.params import sweep_params
-from orchestrator.search.protocols import EXPLOIT, GO_ON, Decision, Report
+from orchestrator.search.protocols import EXPLOIT, Decision, Report
+from orchestrator.search.schedulers import Fifo
 from qlora.config import stable_hash
 
 #: A perturbation multiplies by one of these.
@@ -40,8 +41,8 @@ FIELD = {"train.learning_rate": "learning_rate", "lora.dropout": "dropout",
 assert set(FIELD) == set(PBT_KEYS)
 
 
-class Pbt:
-    """`sweep.scheduler=pbt` as a `Scheduler`."""
+class Pbt(Fifo):
+    """`sweep.scheduler=pbt` as a `Scheduler` (FIFO's answers but for the rounds' exploits)."""
 
     live = True
     backfill = False  # the population trains at once: a waiting trial would be a generation late
@@ -57,12 +58,6 @@ class Pbt:
 
     def eval_every(self, eval_every: int, max_steps: int) -> int:
         return self.interval
-
-    def add_trial(self, trial_id: str, max_steps: int) -> None:
-        pass
-
-    def on_trial_result(self, trial_id: str, step: int, loss: float) -> Decision:
-        return GO_ON
 
     def on_pack_results(self, reports: list[Report]) -> dict[str, Decision]:
         """The exploits of one pack's round: bottom quantile <- top quantile, among the trials of
@@ -109,15 +104,6 @@ class Pbt:
             if name == "dropout":
                 out[name] = min(out[name], 0.9)
         return out
-
-    def pending(self) -> list[str]:
-        return []
-
-    def on_trial_complete(self, trial_id: str) -> None:
-        pass
-
-    def stops(self) -> dict:
-        return {}
 
     def params(self) -> dict:
         return {"pbt_interval": self.interval, "pbt_quantile": f"{self.quantile:g}",

@@ -176,6 +176,9 @@ CASES = [
     ("objective-without-samples", ["sweep.objective=eval_exact_match", "eval.num_samples=0"],
      "sweep.objective: eval_exact_match needs generated answers"),
     ("mode=up", ["sweep.mode=up"], "sweep.mode: must be min or max, got 'up'"),
+    # A strategy is a registered name, never an import path a config could point at code with.
+    ("scheduler-as-import-path", ["sweep.scheduler=os:system"],
+     "sweep.scheduler: must be one of none, asha, pbt, got 'os:system'"),
     # Longer than the model's positions: once a failure after training started.
     ("seq-len-beyond-positions", ["++sweep.params={train.seq_len: [64, 2048]}"],
      "train.seq_len: 2048 is beyond the 1024 positions of tiny; at most 1024"),
