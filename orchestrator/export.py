@@ -62,7 +62,8 @@ def adapter_source(source: str, tracking_uri: str, dst: Path) -> tuple[Path, dic
 
 
 def export(source: str, out: str | Path, *, merge: bool = False, dtype: str = "bfloat16",
-           tracking_uri: str = "sqlite:///mlflow.db", device: str = "cpu") -> Path:
+           tracking_uri: str = "sqlite:///mlflow.db", device: str = "cpu",
+           trust_remote_code: bool = False) -> Path:
     """Write the adapter `source` (or, with `merge`, its base with it merged) to `out`."""
     import torch
 
@@ -78,7 +79,7 @@ def export(source: str, out: str | Path, *, merge: bool = False, dtype: str = "b
         raise ExportError(f"{out}: exists and is not empty (choose a new folder)")
     with tempfile.TemporaryDirectory(prefix="qlora-export-") as tmp:
         folder, lineage = adapter_source(source, tracking_uri, Path(tmp))
-        spec = base_spec(lineage)
+        spec = base_spec(lineage, trust_remote_code)  # before anything is written
         out.mkdir(parents=True, exist_ok=True)
         if not merge:
             for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights of the merged model (default bfloat16)")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--device", default="cpu", help="where the base is loaded to merge")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the base's model repository code (never taken from a tag)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.exceptions import MlflowException
@@ -117,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out = export(args.source, args.out, merge=args.merge, dtype=args.dtype,
-                     tracking_uri=args.tracking_uri, device=args.device)
+                     tracking_uri=args.tracking_uri, device=args.device,
+                     trust_remote_code=args.trust_remote_code)
     except (ExportError, LoadError, MlflowException) as e:
         print(f"error: {named(args.source, e)}", file=sys.stderr)
         return 2

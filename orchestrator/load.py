@@ -99,18 +99,29 @@ def store_client(tracking_uri: str | None):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def base_spec(lineage: dict[str, str]):
-    """The `BaseSpec` an adapter was trained on, for inference (no gradient checkpointing)."""
+def base_spec(lineage: dict[str, str], trust_remote_code: bool = False):
+    """The `BaseSpec` an adapter was trained on, for inference (no gradient checkpointing).
+
+    `trust_remote_code` is the caller's (`--trust-remote-code`), never the lineage's: tags and
+    `qlora_base.json` are data anyone with write access to the store or the folder can set, and
+    running a model repository's code is the user's decision. A lineage that asks for it without
+    the flag is a `LoadError` saying so."""
     from qlora import BaseSpec
 
     def text(key, default=None):
         value = lineage.get(key, default)
         return None if value in (None, "None", "null", "") else value
 
+    name = text("base_model", "tiny")
+    if str(lineage.get("base_trust_remote_code", "False")).lower() == "true" and \
+            not trust_remote_code:
+        raise LoadError(f"its base {name} is recorded with trust_remote_code=true: loading it "
+                        "would run that model repository's code; pass --trust-remote-code if "
+                        "you trust it")
     return BaseSpec(
-        name_or_path=text("base_model", "tiny"),
+        name_or_path=name,
         revision=text("base_revision"),
-        trust_remote_code=str(lineage.get("base_trust_remote_code", "False")).lower() == "true",
+        trust_remote_code=trust_remote_code,
         quant_type=text("quant_type", "nf4"),
         double_quant=str(lineage.get("quant_double_quant", "True")).lower() == "true",
         compute_dtype=text("quant_compute_dtype", "bfloat16"),
@@ -119,7 +130,7 @@ def base_spec(lineage: dict[str, str]):
 
 
 def load_adapter(ref: str, tracking_uri: str | None = None, *, device: str | None = None,
-                 dst: str | Path | None = None) -> LoadedAdapter:
+                 dst: str | Path | None = None, trust_remote_code: bool = False) -> LoadedAdapter:
     """The adapter `ref` as a `PeftModel` in eval mode on its base (see the module's docstring).
 
     Artifacts are downloaded into `dst` (default: a new temporary folder).
@@ -136,7 +147,7 @@ def load_adapter(ref: str, tracking_uri: str | None = None, *, device: str | Non
                                                       tracking_uri=tracking_uri))
     if not (folder / "adapter_config.json").is_file():
         raise LoadError(f"{ref}: {source} holds no adapter_config.json")
-    base = load_base(base_spec(lineage), device)
+    base = load_base(base_spec(lineage, trust_remote_code), device)
     base.model.config.use_cache = True  # generation, not training
     model = PeftModel.from_pretrained(base.model, str(folder)).eval()
     return LoadedAdapter(model, base.tokenizer, base, run_id, folder, lineage, version)
@@ -188,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens generated before the end-of-sequence token may stop it")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the base's model repository code (never taken from a tag)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.exceptions import MlflowException
@@ -195,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # stdout carries the generated text only
     try:
-        loaded = load_adapter(args.ref, args.tracking_uri, device=args.device)
+        loaded = load_adapter(args.ref, args.tracking_uri, device=args.device,
+                              trust_remote_code=args.trust_remote_code)
     except (LoadError, MlflowException) as e:
         at = "" if args.tracking_uri in str(e) else f" (at {args.tracking_uri})"
         print(f"error: {named(args.ref, e)}{at}", file=sys.stderr)

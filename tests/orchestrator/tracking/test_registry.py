@@ -167,6 +167,30 @@ def test_export_of_nothing_is_one_error_line(tmp_path, capsys):
     assert line.startswith(f"error: {tmp_path}: ") and "adapter_config.json" in line
 
 
+def test_remote_code_runs_only_from_the_flag_never_from_a_tag(tmp_path, capsys):
+    """A lineage (a model version's tags, an adapter folder's qlora_base.json) is data anyone who
+    can write there sets: its trust_remote_code=true is reported, not followed."""
+    import json
+
+    from orchestrator.export import BASE_FILE, main
+
+    lineage = {"base_model": "tiny", "base_trust_remote_code": "True"}
+    with pytest.raises(LoadError, match="pass --trust-remote-code if you trust it"):
+        base_spec(lineage)
+    assert base_spec(lineage, trust_remote_code=True).trust_remote_code is True
+    assert base_spec({"base_model": "tiny"}).trust_remote_code is False
+    assert base_spec({"base_model": "tiny", "base_trust_remote_code": "False"},
+                     trust_remote_code=True).trust_remote_code is True  # the user's flag rules
+    folder = tmp_path / "adapter"  # an adapter folder someone else wrote
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / BASE_FILE).write_text(json.dumps(lineage))
+    assert main([str(folder), str(tmp_path / "out")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {folder}: its base tiny is recorded with trust_remote_code=true")
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
 @pytest.mark.parametrize("model", ["tiny", pytest.param("smollm2_135m", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("input_text", ["abc", ""])
 def test_load_prompts_as_training_renders_the_row(model, input_text, tmp_path):
