@@ -209,18 +209,24 @@ def _checkpoint_root(config: Config, out_dir: Path, previous, tracker: Tracker) 
     """`<checkpoints>/<parent run id>`: one folder per sweep run, so a new sweep of the same name
     never continues from an older one's checkpoints; a resumed sweep reuses its own.
     `<checkpoints>` is `<cluster.storage>/checkpoints` (a folder or a URI), else
-    `cluster.checkpoint_dir`, else `<output_dir>/<sweep>/checkpoints`."""
+    `cluster.checkpoint_dir`, else `<output_dir>/<sweep>/checkpoints`.
+
+    Derived from the config and the run id alone, never from the parent's `qlora.checkpoint_dir`
+    tag: a tag is data anyone who can write to the store sets, and a finished sweep deletes its
+    checkpoint root. A tag that names another folder is reported, not followed."""
     recorded = previous.data.tags.get(CHECKPOINT_DIR_TAG) if previous is not None else None
     cluster = config.cluster
     if resume_path(config) is not None:
         root = str(resume_path(config).parent)  # the trial continues in the folder it was given
-    elif recorded and cluster.checkpoint_dir is None and cluster.storage is None:
-        root = recorded
     elif cluster.storage is not None:
         root = storage.join(storage.root(cluster.storage), "checkpoints", tracker.parent_run_id)
     else:
         base = Path(cluster.checkpoint_dir or out_dir / "checkpoints").expanduser()
         root = str(base.resolve() / tracker.parent_run_id)  # workers do not share the driver's cwd
+    if recorded and recorded != root and resume_path(config) is None:
+        print(f"note: the sweep's tag {CHECKPOINT_DIR_TAG} names {recorded}; its checkpoints are "
+              f"taken from {root}, derived from the config (a tag never picks a folder)",
+              file=sys.stderr)
     tracker.set_sweep_tags({CHECKPOINT_DIR_TAG: root})
     return root
 

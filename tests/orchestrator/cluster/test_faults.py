@@ -172,6 +172,29 @@ def test_a_lost_worker_sends_its_unended_trials_again_until_retries_run_out():
         assert "after 1 restart;" in r.reason and "cluster.max_retries" in r.reason
 
 
+def test_a_resumed_sweep_deletes_only_its_own_checkpoint_folder(ray_session, tmp_path,
+                                                                capsys):
+    """The parent run's `qlora.checkpoint_dir` tag is data anyone who can write to the store
+    sets; a resumed sweep that finishes deletes its checkpoint root. The root comes from the
+    config and the run id: a tag naming another folder is reported, and that folder is kept."""
+    from orchestrator.sweep import run_sweep
+    from orchestrator.tracking.keys import CHECKPOINT_DIR_TAG
+
+    config = replace(_config(tmp_path, "victim", {"lora.r": [2]}, max_adapters=1, num_workers=1,
+                             max_steps=2), output_dir=str(tmp_path / "outputs"))
+    first = Tracker(config.tracking)  # a driver that died before training: runs stay RUNNING
+    first.start_sweep(config, expand(config))
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("not the sweep's")
+    first.set_sweep_tags({CHECKPOINT_DIR_TAG: str(victim)})
+    first.flush(force=True)
+    assert run_sweep(replace(config, resume=True)) == 0
+    assert (victim / "keep.txt").read_text() == "not the sweep's"
+    assert f"the sweep's tag {CHECKPOINT_DIR_TAG} names {victim}" in capsys.readouterr().err
+    assert not (tmp_path / "outputs" / "victim" / "checkpoints" / first.parent_run_id).exists()
+
+
 def test_resume_continues_the_latest_unfinished_sweep_in_its_own_runs(tmp_path):
     from qlora import TrialResult
 
