@@ -47,9 +47,8 @@ class SearchRun:
         self.objective = Objective.of(config)
         self.searcher: Searcher = resolve("strategy", config.sweep.strategy)(config, trials)
         self.trials: list[Trial] = self.searcher.suggest(self.round_size)  # every trial so far
-        self.expected = self.searcher.expected
         self.scheduler: Scheduler = resolve("scheduler", config.sweep.scheduler)(
-            config, self.expected, self.objective)
+            config, self.searcher.expected, self.objective)
         self._coordinator = None
         if self.scheduler.live:  # it decides next to the workers, in an actor of its own
             import ray

@@ -62,6 +62,7 @@ class OptunaSearch:
         self._open: set[str] = set()  # proposed, not yet told
         self._names: set[str] = set()
         self.exhausted = False  # the space gave only repeats
+        self.round: int | None = None  # proposals per round, as the driver asks them
 
     @property
     def remaining(self) -> int:
@@ -113,7 +114,7 @@ class OptunaSearch:
 
     def suggest(self, n: int) -> list[Trial]:
         """The next round (up to `n`), once every trial of the round before has its result."""
-        self.round = n  # recorded on the parent run
+        self.round = n
         if self.waiting_for_results or not self.remaining:
             return []
         return self.ask(n)
@@ -125,7 +126,7 @@ class OptunaSearch:
         self.tell(trial_id, status, value)
 
     def params(self) -> dict:
-        return {"optuna_round_size": getattr(self, "round", None) or round_size(self.cfg),
+        return {"optuna_round_size": self.round or round_size(self.cfg),
                 "optuna_startup_trials": self.cfg.sweep.optuna.startup_trials,
                 "optuna_sampler": "TPESampler"}
 
