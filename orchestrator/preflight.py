@@ -55,6 +55,7 @@ def check_data(cfg: Config) -> None:
     ours). A sweep may give trials their own `data.path`: each distinct file is checked once.
     With `data.skip_invalid=true`, how many rows will be skipped is said here, before training."""
     from orchestrator.search.expand import expand
+    from qlora.config import DataSpec
     from qlora.data import DataError, validate_data_file
 
     seen: set[tuple] = set()
@@ -64,12 +65,14 @@ def check_data(cfg: Config) -> None:
                                                     "no eval example has no eval_loss to rank; "
                                                     "give a fraction in (0, 1) or data.eval_path")
         for key, path in (("data.path", data.path), ("data.eval_path", data.eval_path)):
-            if path is None or (path, data.format, data.skip_invalid) in seen:
+            what = (path, data.format, data.skip_invalid, data.name, data.split, data.revision)
+            if path is None or what in seen:
                 continue
-            seen.add((path, data.format, data.skip_invalid))
+            seen.add(what)
             try:
-                info = validate_data_file(os.path.expanduser(path), data.format,
-                                          data.skip_invalid)
+                info = validate_data_file(path, data.format, data.skip_invalid,
+                                          spec=DataSpec(name=data.name, split=data.split,
+                                                        revision=data.revision))
             except DataError as e:
                 raise ConfigError(key, str(e)) from None
             except OSError as e:

@@ -214,7 +214,12 @@ class BaseSpec:
 class DataSpec:
     """A trial's examples: a file (or the bundled dataset when `path` is None) and its tokenization."""
 
-    path: str | None = None  # JSONL / JSON / CSV / Parquet; None = the bundled dataset
+    # a JSONL / JSON / CSV / Parquet file, an fsspec URI of one, a saved dataset folder, a
+    # dataset repository folder or hub id (see qlora.sources); None = the bundled dataset
+    path: str | None = None
+    name: str | None = None  # a hub dataset's configuration (load_dataset's `name`)
+    split: str = "train"  # the split of a saved folder, repository or hub id
+    revision: str | None = None  # a hub dataset's revision (branch, tag or commit)
     format: str = "auto"  # auto | alpaca | chat | prompt_completion | text
     eval_path: str | None = None
     eval_fraction: float = 0.1  # deterministic split when eval_path is None

@@ -1,74 +1,83 @@
-"""The data pipeline: a file of rows -> validated records -> (prompt, response) text -> token ids.
+"""The data pipeline: a source of rows -> validated records -> (prompt, response) text -> token ids,
+held in memory-mapped Arrow files that every trial and worker process on a machine shares.
 
     load_data(spec, tokenizer) -> TokenizedData(train, eval, data_hash, stats)
 
-1. Read   : JSONL (an object per line, blank lines allowed), JSON (a list of objects or
-            {"data": [...]}), CSV (header row; empty cells are missing) or Parquet. Every bad row
-            is reported as 'FILE: line N: what' (JSONL, CSV: physical line, header = line 1) or
-            'FILE: row N: what' (JSON, Parquet), or skipped and counted with `skip_invalid`.
-2. Render : per format, see `qlora.formats` (templates documented there).
-3. Tokenize: bos + prompt + response + eos, labels -100 on bos + prompt unless `train_on_prompt`,
-            cut to `seq_len`. Examples left with nothing to learn are dropped and counted.
-4. Split  : without `eval_path`, eval = the first round(eval_fraction * n) rows of a permutation
-            seeded by the data hash alone, so every trial on a file sees the same split whatever
-            its seed, tokenizer or pack.
+1. Read    : a file (JSONL, JSON, CSV, Parquet; local or an fsspec URI), a saved dataset folder, or
+             a dataset repository / hub id (see `qlora.sources`), streamed row by row. Every bad
+             row is reported as 'FILE: line N: what' (JSONL, CSV: physical line, header = line 1)
+             or 'FILE: row N: what' (JSON, Parquet, datasets), or skipped and counted with
+             `skip_invalid`. Valid rows, reduced to their format's fields, are written to an Arrow
+             file (`records`), keyed by the content hash: a second tokenizer or seq_len reads no
+             source again.
+2. Render  : per format, see `qlora.formats` (templates documented there).
+3. Tokenize: `Dataset.map(batched=True, num_proc=...)` over the records: bos + prompt + response +
+             eos, labels -100 on bos + prompt unless `train_on_prompt`, cut to `seq_len`. Examples
+             left with nothing to learn are dropped and counted.
+4. Split   : without `eval_path`, eval = the first round(eval_fraction * n) rows of a permutation
+             seeded by the data hash alone, so every trial on a source sees the same split whatever
+             its seed, tokenizer or pack.
 
-Results are cached in-process (K trials of a pack tokenize once) and on disk under
-$QLORA_CACHE/data/<key>.json (across processes and runs).
+Everything lands under $QLORA_CACHE/data/<key>/ (key: a fingerprint of the data's content, the
+tokenizer, its chat template and the data settings): `tokens*.arrow` (ids, masked prefix length),
+`train.npy` / `eval.npy` (row numbers), `meta.json` (stats; written last, so a folder without it is
+unfinished). `train` and `eval` are sequences over those files, read in place: a worker's memory
+does not grow with the dataset, and the K trials of a pack and every process on a machine share
+one copy through the page cache. The first process to need a key builds it under a file lock; the
+others wait and read it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import IGNORE, DataSpec, stable_hash
-from .formats import (
-    EXTENSIONS,
-    FORMATS,
-    DataError,
-    detect_format,
-    normalize,
-    read_rows,
-    render,
-    required_columns,
-)
-from .packing import pack_examples
+import numpy as np
+
+from .config import DataSpec, stable_hash
+from .formats import DataError, detect_format, render
+from .packing import pack_bins
+from .records import named, read_records, scan, validate_data_file, write_records
+from .sources import Source, content_hash, resolve
 from .tiny import cache_root
+from .tokens import (
+    Example,
+    Examples,
+    Tokens,
+    flags,
+    lengths,
+    prompt_ids,
+    tokenize_all,
+    tokenize_example,
+)
 
 __all__ = [
-    "DataError", "Example", "TokenizedData", "bundled_path", "read_records", "detect_format",
-    "render", "tokenize_example", "prompt_ids", "load_data", "validate_data_file",
+    "DataError", "Example", "Examples", "TokenizedData", "bundled_path", "read_records",
+    "detect_format", "render", "tokenize_example", "prompt_ids", "load_data",
+    "validate_data_file", "source_of", "cache_dir",
 ]
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = 3  # bump when tokenization or splitting changes, so stale disk caches are ignored
+_CACHE_VERSION = 4  # bump when tokenization or splitting changes, so stale disk caches are ignored
 _MEMORY: dict[str, TokenizedData] = {}
-
-
-@dataclass
-class Example:
-    """One tokenized example; treat as read-only (the cache shares it between trials)."""
-
-    input_ids: list[int]
-    labels: list[int]  # same length; -100 where no loss is taken (prompt, when masked)
-    position_ids: list[int] | None = None  # packed rows only: restart at 0 at each example
-    prompt_len: int | None = None  # tokens before the response (bos + prompt); None in packed rows
 
 
 @dataclass
 class TokenizedData:
     """A trial's train and eval examples, the data's identity, and what happened on the way."""
 
-    train: list[Example]
-    eval: list[Example]
-    data_hash: str  # sha256 (first 16 hex) of the file bytes; see `_data_hash` with an eval file
+    train: Sequence[Example]
+    eval: Sequence[Example]
+    data_hash: str  # sha256 (first 16 hex) of the content; see `qlora.sources.content_hash`
     stats: dict = field(default_factory=dict)
     # stats: n_rows (valid rows read), n_train, n_eval, n_skipped (invalid rows), n_truncated,
     # n_dropped (examples with nothing to learn after masking and truncation), format
@@ -87,231 +96,187 @@ def bundled_path() -> Path:
                     "python data/generate_bundled.py)")
 
 
-# --------------------------------------------------------------------------------------- reading
-
-def read_records(path: str | Path, skip_invalid: bool = False,
-                 format: str = "auto") -> tuple[list[dict], str, int]:
-    """Rows of a JSONL / JSON / CSV / Parquet file, validated and reduced to their format's fields;
-    returns (records, detected_format, n_skipped). Raises DataError naming the file and the 1-based
-    line or row of the first bad row (or skips and counts bad rows with `skip_invalid`), for an
-    empty file or no rows, 'FILE: no such file', and an unsupported extension."""
-    records, fmt, skipped, _ = _parse(str(path), _read_bytes(path), skip_invalid, format)
-    return records, fmt, skipped
-
-
-def validate_data_file(path: str, format: str = "auto", skip_invalid: bool = False) -> dict:
-    """Check a data file without a tokenizer: {'rows': n, 'format': fmt, 'skipped': k}.
-    Raises DataError as `read_records` does."""
-    records, fmt, skipped = read_records(path, skip_invalid=skip_invalid, format=format)
-    return {"rows": len(records), "format": fmt, "skipped": skipped}
-
-
-def _read_bytes(path: str | Path) -> bytes:
-    p = Path(path)
-    if p.suffix.lower() not in EXTENSIONS:
-        raise DataError(f"{path}: unsupported file type {p.suffix or '(none)'!r}; "
-                        f"use one of {', '.join(EXTENSIONS)}")
-    if not p.exists():
-        raise DataError(f"{path}: no such file")
-    if not p.is_file():
-        raise DataError(f"{path}: not a file")
-    return p.read_bytes()
-
-
-def _parse(name: str, raw: bytes, skip_invalid: bool,
-           fmt: str) -> tuple[list[dict], str, int, list[str]]:
-    """(records, format, n_skipped, locations) of a file's bytes; `name` is the file's name."""
-    if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"{name}: format must be 'auto' or one of {list(FORMATS)}, got {fmt!r}")
-    if not raw.strip():
-        raise DataError(f"{name}: file is empty")
-    try:
-        rows = read_rows(Path(name).suffix.lower(), raw)
-    except DataError as e:
-        raise DataError(f"{name}: {e}") from None
-    if not rows:
-        raise DataError(f"{name}: no rows")
-
-    objects = [row for _, row in rows if isinstance(row, dict)]
-    if not objects and not skip_invalid:
-        loc, err = rows[0]
-        raise DataError(f"{name}: {loc}: {err}")
-    columns = {key for row in objects for key in row}
-    if fmt == "auto":
-        try:
-            fmt = detect_format(columns) if objects else "text"
-        except DataError as e:
-            raise DataError(f"{name}: {e}") from None
-    else:
-        for col in required_columns(fmt):
-            if objects and col not in columns:
-                need = " and ".join(f"'{c}'" for c in required_columns(fmt))
-                raise DataError(f"{name}: column '{col}' is missing (format {fmt} needs {need})")
-
-    records, locations, skipped = [], [], 0
-    for loc, row in rows:
-        try:
-            if isinstance(row, DataError):
-                raise row
-            record = normalize(row, fmt)
-        except DataError as e:
-            if not skip_invalid:
-                raise DataError(f"{name}: {loc}: {e}") from None
-            skipped += 1
-            continue
-        records.append(record)
-        locations.append(loc)
-    if not records:
-        raise DataError(f"{name}: no valid rows ({skipped} skipped)")
-    return records, fmt, skipped, locations
-
-
-# ------------------------------------------------------------------------------------ tokenizing
-
-def tokenize_example(prompt: str, response: str, tokenizer, seq_len: int,
-                     train_on_prompt: bool) -> tuple[Example, bool]:
-    """(example, truncated): bos (if the tokenizer has one and the prompt does not already start
-    with it) + prompt + response + eos (unless the response already holds eos, as chat templates
-    close turns with it); labels -100 on bos + prompt unless `train_on_prompt`, else equal to the
-    ids; cut to `seq_len` tokens (truncated=True when anything was cut)."""
-    p_ids, r_ids = _encode(tokenizer, [prompt, response])
-    return _assemble(p_ids, r_ids, tokenizer, seq_len, train_on_prompt)
-
-
-def prompt_ids(prompt: str, tokenizer) -> list[int]:
-    """The ids a training example of `prompt` starts with (bos where `tokenize_example` puts it,
-    then the prompt): what a model trained here must be given to continue as it learned."""
-    [p_ids] = _encode(tokenizer, [prompt])
-    return _bos(p_ids, tokenizer) + list(p_ids)
-
-
-def _bos(ids: list[int], tokenizer) -> list[int]:
-    bos = tokenizer.bos_token_id
-    return [bos] if bos is not None and ids[:1] != [bos] else []
-
-
-def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    # Special tokens written in the text (a chat template's eos) map to their ids; none are added.
-    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-
-
-def _assemble(p_ids: list[int], r_ids: list[int], tokenizer, seq_len: int,
-              train_on_prompt: bool) -> tuple[Example, bool]:
-    eos = tokenizer.eos_token_id
-    head = _bos(p_ids or r_ids, tokenizer)
-    tail = [eos] if eos is not None and eos not in r_ids else []
-    ids = head + list(p_ids) + list(r_ids) + tail
-    n_masked = 0 if train_on_prompt else len(head) + len(p_ids)
-    labels = [IGNORE] * n_masked + ids[n_masked:]
-    prompt_len = min(len(head) + len(p_ids), seq_len)
-    return Example(ids[:seq_len], labels[:seq_len], prompt_len=prompt_len), len(ids) > seq_len
-
-
-def _has_target(ex: Example) -> bool:
-    # Position 0 is never predicted (labels are shifted by one inside the model).
-    return any(label != IGNORE for label in ex.labels[1:])
+def source_of(spec: DataSpec, path: str | None = None) -> Source:
+    """The source of `spec.path` (or of `path`, e.g. an eval file); the bundled file for None."""
+    path = spec.path if path is None else path
+    if path is None:
+        return resolve(str(bundled_path()))
+    return named(path, lambda: resolve(path, spec.name, spec.split, spec.revision))
 
 
 # --------------------------------------------------------------------------------------- loading
 
 def load_data(spec: DataSpec, tokenizer) -> TokenizedData:
-    """Read, validate, render and tokenize `spec`'s file (the bundled dataset when `spec.path` is
-    None) and split it into train and eval. Without `spec.eval_path` the eval split is the first
-    round(eval_fraction * n) rows (>= 1 when eval_fraction > 0, <= n - 1) of a permutation seeded
-    by the data hash only; eval is then cut to `spec.max_eval_examples`. Equal inputs give equal
-    data, from an in-process cache or $QLORA_CACHE/data/. Raises DataError for a bad file or an
-    empty train split. With packing='pack' the train split holds rows of several examples
+    """Read, validate, render and tokenize `spec`'s source (the bundled dataset when `spec.path`
+    is None) and split it into train and eval. Without `spec.eval_path` the eval split is the
+    first round(eval_fraction * n) rows (>= 1 when eval_fraction > 0, <= n - 1) of a permutation
+    seeded by the data hash only; eval is then cut to `spec.max_eval_examples`. Equal inputs give
+    equal data, from an in-process cache or $QLORA_CACHE/data/. Raises DataError for a bad source
+    or an empty train split. With packing='pack' the train split holds rows of several examples
     (see `qlora.packing`); eval stays one example per row."""
-    name = spec.path if spec.path is not None else str(bundled_path())
-    raw = _read_bytes(name)
-    eval_raw = _read_bytes(spec.eval_path) if spec.eval_path else None
-    data_hash = _data_hash(raw, eval_raw)
+    src = source_of(spec)
+    esrc = source_of(spec, spec.eval_path) if spec.eval_path else None
+    data_hash = _data_hash(src, esrc)
     key = _cache_key(spec, tokenizer, data_hash)
-    data = _MEMORY.get(key) or _load_disk(key)
+    data = _MEMORY.get(key)
     if data is None:
-        data = _build(spec, tokenizer, name, raw, eval_raw, data_hash)
-        _save_disk(key, data)
-    _MEMORY[key] = data
-    # New lists, so a caller that shuffles or trims them cannot change the cached copy.
-    return TokenizedData(list(data.train), list(data.eval), data.data_hash, dict(data.stats))
+        folder = cache_dir(key)
+        data = _open(folder)
+        if data is None:
+            from filelock import FileLock
+
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(folder) + ".lock"):  # one process builds, the others then read
+                data = _open(folder)
+                if data is None:
+                    _build(spec, tokenizer, src, esrc, data_hash, folder)
+                    data = _open(folder)
+        _MEMORY[key] = data
+    return TokenizedData(data.train, data.eval, data.data_hash, dict(data.stats))
 
 
-def _data_hash(raw: bytes, eval_raw: bytes | None) -> str:
-    """sha256 of the file; with an eval file, sha256 of the two files' digests (unambiguous)."""
-    if eval_raw is None:
-        return hashlib.sha256(raw).hexdigest()[:16]
-    both = hashlib.sha256(raw).digest() + hashlib.sha256(eval_raw).digest()
-    return hashlib.sha256(both).hexdigest()[:16]
+def cache_dir(key: str) -> Path:
+    """Where the tokenized data of cache key `key` lives."""
+    return cache_root() / "data" / key
+
+
+def _data_hash(src: Source, esrc: Source | None) -> str:
+    """The content hash of the source; with an eval source, a hash of both (unambiguous)."""
+    digest = named(src.ref, lambda: content_hash(src))
+    if esrc is None:
+        return digest
+    other = named(esrc.ref, lambda: content_hash(esrc))
+    return hashlib.sha256(f"{digest}:{other}".encode()).hexdigest()[:16]
 
 
 def _eval_indices(n: int, eval_fraction: float, data_hash: str) -> list[int]:
     """Row indices of the eval split, in permutation order. Ranking rows by a hash of
-    (data_hash, index) gives a permutation that no library or Python version can change."""
+    (data_hash, index) gives a permutation that no library or Python version can change; only
+    the k smallest are kept (memory bounded by the split, not the data)."""
     if eval_fraction <= 0 or n < 2:
         return []
     k = min(max(1, round(eval_fraction * n)), n - 1)
-    perm = sorted(range(n), key=lambda i: hashlib.sha256(f"{data_hash}:{i}".encode()).digest())
-    return perm[:k]
+    return heapq.nsmallest(
+        k, range(n), key=lambda i: hashlib.sha256(f"{data_hash}:{i}".encode()).digest())
 
 
-def _build(spec: DataSpec, tokenizer, name: str, raw: bytes, eval_raw: bytes | None,
-           data_hash: str) -> TokenizedData:
-    records, fmt, skipped, locs = _parse(name, raw, spec.skip_invalid, spec.format)
-    rows = list(zip(locs, records, strict=True))
-    n_rows = len(rows)
-    if eval_raw is None:
-        eval_idx = _eval_indices(len(rows), spec.eval_fraction, data_hash)
-        taken = set(eval_idx)
-        train_rows = [(name, fmt, r) for i, r in enumerate(rows) if i not in taken]
-        eval_rows = [(name, fmt, rows[i]) for i in eval_idx]
+def _build(spec: DataSpec, tokenizer, src: Source, esrc: Source | None, data_hash: str,
+           folder: Path) -> None:
+    """Tokenize into a new folder beside `folder`, then move it into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        meta = _build_into(spec, tokenizer, src, esrc, data_hash, tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if folder.exists():  # an unfinished folder (no meta.json) from a killed build
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_into(spec: DataSpec, tokenizer, src: Source, esrc: Source | None, data_hash: str,
+                tmp: Path) -> dict:
+    fmt = scan(src, spec.format, spec.skip_invalid)["format"]
+    records, skipped = write_records(src, fmt, spec.skip_invalid, tmp / "records.arrow")
+    tokens = tokenize_all(records, fmt, tokenizer, spec, tmp / "tokens.arrow")
+    n = len(tokens)
+    cols = flags(tokens)
+    n_rows = n
+    if esrc is None:
+        eval_order = np.asarray(_eval_indices(n, spec.eval_fraction, data_hash), dtype=np.int64)
+        in_train = np.ones(n, dtype=bool)
+        in_train[eval_order] = False
+        e_cols, e_ref, e_files = cols, src, None
     else:
-        e_records, e_fmt, e_skipped, e_locs = _parse(spec.eval_path, eval_raw, spec.skip_invalid,
-                                                     spec.format)
-        train_rows = [(name, fmt, r) for r in rows]
-        eval_rows = [(spec.eval_path, e_fmt, r) for r in zip(e_locs, e_records, strict=True)]
+        e_fmt = scan(esrc, spec.format, spec.skip_invalid)["format"]
+        e_records, e_skipped = write_records(esrc, e_fmt, spec.skip_invalid,
+                                              tmp / "eval_records.arrow")
+        e_tokens = tokenize_all(e_records, e_fmt, tokenizer, spec, tmp / "eval_tokens.arrow")
+        e_cols, e_ref = flags(e_tokens), esrc
+        e_files = [Path(f["filename"]).name for f in e_tokens.cache_files]
+        eval_order = np.arange(len(e_tokens), dtype=np.int64)
+        in_train = np.ones(n, dtype=bool)
         skipped += e_skipped
-        n_rows += len(e_records)
+        n_rows += len(e_tokens)
 
     counts = {"n_truncated": 0, "n_dropped": 0, "n_skipped": skipped}
-    train = _tokenize(train_rows, tokenizer, spec, counts)
-    dropped_train = counts["n_dropped"]
-    eval_ = _tokenize(eval_rows, tokenizer, spec, counts, limit=spec.max_eval_examples)
-    if not train:
-        raise DataError(f"{name}: no training examples left: {dropped_train} of "
-                        f"{len(train_rows)} have no response token within seq_len={spec.seq_len} "
-                        f"(raise train.seq_len, or shorten the prompts)")
-    stats = {"n_rows": n_rows, "n_train": len(train), "n_eval": len(eval_), "format": fmt, **counts}
+    errors = cols["error"] & in_train
+    if errors.any():
+        i = int(np.flatnonzero(errors)[0])
+        if not spec.skip_invalid:
+            raise DataError(f"{src.ref}: {src.loc_kind} {cols['loc'][i]}: "
+                            f"{tokens[i]['error']}")
+        counts["n_skipped"] += int(errors.sum())
+    done = in_train & ~cols["error"]
+    counts["n_truncated"] += int((cols["truncated"] & done).sum())
+    dropped_train = int((~cols["keep"] & done).sum())
+    counts["n_dropped"] += dropped_train
+    train_idx = np.flatnonzero(cols["keep"] & done).astype(np.int64)
+
+    eval_idx: list[int] = []
+    limit = spec.max_eval_examples
+    e_set = tokens if esrc is None else e_tokens
+    for i in eval_order.tolist():
+        if limit is not None and len(eval_idx) >= limit:
+            break
+        if e_cols["error"][i]:
+            if not spec.skip_invalid:
+                raise DataError(f"{e_ref.ref}: {e_ref.loc_kind} {e_cols['loc'][i]}: "
+                                f"{e_set[i]['error']}")
+            counts["n_skipped"] += 1
+            continue
+        counts["n_truncated"] += int(e_cols["truncated"][i])
+        if not e_cols["keep"][i]:
+            counts["n_dropped"] += 1
+            continue
+        eval_idx.append(i)
+    if not len(train_idx):
+        raise DataError(f"{src.ref}: no training examples left: {dropped_train} of "
+                        f"{int(in_train.sum())} have no response token within "
+                        f"seq_len={spec.seq_len} (raise train.seq_len, or shorten the prompts)")
+    stats = {"n_rows": n_rows, "n_train": len(train_idx), "n_eval": len(eval_idx), "format": fmt,
+             **counts}
+    np.save(tmp / "train.npy", train_idx)
+    np.save(tmp / "eval.npy", np.asarray(eval_idx, dtype=np.int64))
     if spec.packing == "pack":
-        train = pack_examples(train, spec.seq_len, Example)
-        stats["n_train_rows"] = len(train)
-    return TokenizedData(train, eval_, data_hash, stats)
+        bins = pack_bins(lengths(tokens)[train_idx], spec.seq_len)
+        members = [train_idx[m] for m in bins]
+        np.save(tmp / "pack_members.npy", np.concatenate(members).astype(np.int64))
+        np.save(tmp / "pack_offsets.npy",
+                np.concatenate([[0], np.cumsum([len(m) for m in members])]).astype(np.int64))
+        stats["n_train_rows"] = len(bins)
+    files = [Path(f["filename"]).name for f in tokens.cache_files]
+    del tokens, records
+    for name in ("records.arrow", "eval_records.arrow"):
+        (tmp / name).unlink(missing_ok=True)
+    return {"files": files, "eval_files": e_files, "data_hash": data_hash, "stats": stats,
+            "version": _CACHE_VERSION}
 
 
-def _tokenize(rows: list[tuple[str, str, tuple[str, dict]]], tokenizer, spec: DataSpec,
-              counts: dict, limit: int | None = None, chunk: int = 512) -> list[Example]:
-    """Examples of (file, format, (location, record)) rows, in order, at most `limit` of them;
-    updates counts' n_truncated, n_dropped and (render failures with skip_invalid) n_skipped."""
-    out: list[Example] = []
-    for start in range(0, len(rows), chunk):
-        texts: list[str] = []
-        for file, fmt, (loc, record) in rows[start:start + chunk]:
-            try:
-                texts.extend(render(record, fmt, tokenizer))
-            except DataError as e:
-                if not spec.skip_invalid:
-                    raise DataError(f"{file}: {loc}: {e}") from None
-                counts["n_skipped"] += 1
-        ids = _encode(tokenizer, texts) if texts else []
-        for p_ids, r_ids in zip(ids[0::2], ids[1::2], strict=True):
-            ex, truncated = _assemble(p_ids, r_ids, tokenizer, spec.seq_len, spec.train_on_prompt)
-            counts["n_truncated"] += truncated
-            if not _has_target(ex):
-                counts["n_dropped"] += 1
-                continue
-            out.append(ex)
-            if limit is not None and len(out) >= limit:
-                return out
-    return out
+def _open(folder: Path) -> TokenizedData | None:
+    """The tokenized data of a finished cache folder; None when there is none (or it is
+    unreadable, or foreign: then it is rebuilt)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("version") != _CACHE_VERSION:
+            return None
+        tokens = Tokens([folder / f for f in meta["files"]])
+        e_tokens = tokens if meta["eval_files"] is None else \
+            Tokens([folder / f for f in meta["eval_files"]])
+        packs = None
+        if (folder / "pack_members.npy").exists():
+            packs = (np.load(folder / "pack_members.npy", mmap_mode="r"),
+                     np.load(folder / "pack_offsets.npy", mmap_mode="r"))
+        train = Examples(tokens, np.load(folder / "train.npy", mmap_mode="r"), packs)
+        eval_ = Examples(e_tokens, np.load(folder / "eval.npy", mmap_mode="r"))
+        return TokenizedData(train, eval_, meta["data_hash"], meta["stats"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # corrupt or foreign: rebuild
+        log.warning("ignoring unreadable data cache %s: %s", folder, e)
+        return None
 
 
 # ----------------------------------------------------------------------------------------- cache
@@ -330,56 +295,6 @@ def _cache_key(spec: DataSpec, tokenizer, data_hash: str) -> str:
     }, 16)
 
 
-def _cache_file(key: str) -> Path:
-    return cache_root() / "data" / f"{key}.json"
-
-
-def _load_disk(key: str) -> TokenizedData | None:
-    path = _cache_file(key)
-    try:
-        blob = json.loads(path.read_text())
-        return TokenizedData(
-            train=[_example(row) for row in blob["train"]],
-            eval=[_example(row) for row in blob["eval"]],
-            data_hash=blob["data_hash"],
-            stats=blob["stats"],
-        )
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as e:  # corrupt or foreign: rebuild
-        log.warning("ignoring unreadable data cache %s: %s", path, e)
-        return None
-
-
-def _example(row: list) -> Example:
-    ids, labels, positions, prompt_len = row
-    return Example(list(ids), list(labels), None if positions is None else list(positions),
-                   prompt_len)
-
-
-def _save_disk(key: str, data: TokenizedData) -> None:
-    path = _cache_file(key)
-    blob = {
-        "train": [[ex.input_ids, ex.labels, ex.position_ids, ex.prompt_len] for ex in data.train],
-        "eval": [[ex.input_ids, ex.labels, ex.position_ids, ex.prompt_len] for ex in data.eval],
-        "data_hash": data.data_hash,
-        "stats": data.stats,
-    }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so a concurrent reader never sees half a file.
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(blob, f, separators=(",", ":"))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError as e:  # a read-only cache costs speed, not correctness
-        log.warning("cannot write data cache %s: %s", path, e)
-
-
 def data_info(data) -> dict:
     """What a result needs to be traced to its data: the file hash and the example counts."""
     info = {"data_hash": getattr(data, "data_hash", None)}
@@ -388,3 +303,4 @@ def data_info(data) -> dict:
         if key in stats:
             info[key] = stats[key]
     return info
+

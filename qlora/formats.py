@@ -37,6 +37,7 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterator
 
 FORMATS = ("alpaca", "chat", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
@@ -91,33 +92,40 @@ def required_columns(fmt: str) -> tuple[str, ...]:
 
 
 def read_rows(suffix: str, raw: bytes) -> list[tuple[str, dict | DataError]]:
-    """(location, row) pairs of a file's bytes, location 'line N' (JSONL, CSV) or 'row N' (JSON,
-    Parquet), 1-based; a row that cannot be parsed is a DataError in place of the dict. Raises
-    DataError for a file that cannot be read at all."""
-    return _READERS[suffix](raw)
+    """(location, row) pairs of a file's bytes; see `iter_rows`."""
+    return list(iter_rows(suffix, io.BytesIO(raw)))
 
 
-def _jsonl_rows(raw: bytes) -> list[tuple[str, dict | DataError]]:
-    rows: list[tuple[str, dict | DataError]] = []
-    for n, line in enumerate(raw.split(b"\n"), start=1):
+def iter_rows(suffix: str, f) -> Iterator[tuple[str, dict | DataError]]:
+    """(location, row) pairs read from a binary file object, location 'line N' (JSONL, CSV) or
+    'row N' (JSON, Parquet), 1-based; a row that cannot be parsed is a DataError in place of the
+    dict. Raises DataError for a file that cannot be read at all. JSONL, CSV and Parquet are read
+    a line or a batch at a time (memory bounded by the longest row); a JSON document is parsed
+    whole, as JSON has no row boundary to stop at."""
+    return _READERS[suffix](f)
+
+
+def _jsonl_rows(f) -> Iterator[tuple[str, dict | DataError]]:
+    for n, line in enumerate(f, start=1):
+        if line.endswith(b"\n"):
+            line = line[:-1]
         if not line.strip():
             continue
         loc = f"line {n}"
         try:
             obj = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))
         except UnicodeDecodeError:
-            rows.append((loc, DataError("not UTF-8 text")))
+            yield loc, DataError("not UTF-8 text")
             continue
         except json.JSONDecodeError as e:
-            rows.append((loc, DataError(f"malformed JSON ({e.msg} at column {e.colno})")))
+            yield loc, DataError(f"malformed JSON ({e.msg} at column {e.colno})")
             continue
-        rows.append((loc, _object_or_error(obj)))
-    return rows
+        yield loc, _object_or_error(obj)
 
 
-def _json_rows(raw: bytes) -> list[tuple[str, dict | DataError]]:
+def _json_rows(f) -> Iterator[tuple[str, dict | DataError]]:
     try:
-        obj = json.loads(raw.decode("utf-8-sig"))
+        obj = json.loads(f.read().decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise DataError("not UTF-8 text") from None
     except json.JSONDecodeError as e:
@@ -129,43 +137,50 @@ def _json_rows(raw: bytes) -> list[tuple[str, dict | DataError]]:
     if not isinstance(obj, list):
         raise DataError('expected a list of objects or {"data": [...]}, '
                         f"got {type(obj).__name__}")
-    return [(f"row {i}", _object_or_error(o)) for i, o in enumerate(obj, start=1)]
+    for i in range(len(obj)):
+        row, obj[i] = obj[i], None  # let each row go once it is read
+        yield f"row {i + 1}", _object_or_error(row)
 
 
-def _csv_rows(raw: bytes) -> list[tuple[str, dict | DataError]]:
+def _csv_rows(f) -> Iterator[tuple[str, dict | DataError]]:
+    text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+    reader = csv.reader(text)
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise DataError("not UTF-8 text") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader)
-        rows: list[tuple[str, dict | DataError]] = []
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
         end = reader.line_num  # a quoted cell may span lines: a row starts after the previous end
         for cells in reader:
             loc, end = f"line {end + 1}", reader.line_num
             if not cells:
                 continue
             if len(cells) != len(header):
-                rows.append((loc, DataError(f"{len(cells)} cells, the header has {len(header)}")))
+                yield loc, DataError(f"{len(cells)} cells, the header has {len(header)}")
                 continue
             # An empty cell is a missing value, as pandas reads it (NaN).
-            row = {h: (c if c != "" else None) for h, c in zip(header, cells, strict=True)}
-            rows.append((loc, row))
+            yield loc, {h: (c if c != "" else None) for h, c in zip(header, cells, strict=True)}
+    except UnicodeDecodeError:
+        raise DataError("not UTF-8 text") from None
     except csv.Error as e:
         raise DataError(f"line {reader.line_num}: malformed CSV ({e})") from None
-    return rows
+    finally:
+        text.detach()  # the caller closes the file
 
 
-def _parquet_rows(raw: bytes) -> list[tuple[str, dict | DataError]]:
+def _parquet_rows(f) -> Iterator[tuple[str, dict | DataError]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(pa.BufferReader(raw))
+        batches = pq.ParquetFile(f).iter_batches(batch_size=1024)
+        n = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                n += 1
+                yield f"row {n}", row
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"not a readable Parquet file ({e})") from None
-    return [(f"row {i}", row) for i, row in enumerate(table.to_pylist(), start=1)]
 
 
 def _object_or_error(obj) -> dict | DataError:

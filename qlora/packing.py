@@ -16,23 +16,10 @@ from .config import IGNORE
 
 def pack_examples(examples: list, seq_len: int, example_cls) -> list:
     """Bins of examples (each <= seq_len tokens) concatenated into rows of at most seq_len."""
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        n = len(examples[i].input_ids)
-        for b, free in enumerate(room):
-            if n <= free:
-                bins[b].append(i)
-                room[b] -= n
-                break
-        else:
-            bins.append([i])
-            room.append(seq_len - n)
     rows = []
-    for members in bins:
+    for members in pack_bins([len(ex.input_ids) for ex in examples], seq_len):
         ids, labels, positions = [], [], []
-        for i in sorted(members):
+        for i in members:
             ex = examples[i]
             ids += ex.input_ids
             # The first token of each example is predicted from the previous example's last
@@ -41,6 +28,38 @@ def pack_examples(examples: list, seq_len: int, example_cls) -> list:
             positions += list(range(len(ex.input_ids)))
         rows.append(example_cls(ids, labels, positions))
     return rows
+
+
+def pack_bins(lengths, seq_len: int) -> list[list[int]]:
+    """First-fit decreasing: items (by index, lengths <= seq_len) in decreasing length order (ties
+    by index), each into the first bin with room; each bin's members in increasing index order.
+    The first bin with room is found in a tree of the bins' free room, O(n log n) in all."""
+    n = len(lengths)
+    order = sorted(range(n), key=lambda i: (-int(lengths[i]), i))
+    size = 1
+    while size < max(1, n):
+        size *= 2
+    room = [-1] * (2 * size)  # leaves: free room of bin b at size + b (-1: no bin yet)
+    bins: list[list[int]] = []
+    for i in order:
+        need = int(lengths[i])
+        if room[1] >= need:  # descend to the leftmost bin with room
+            node = 1
+            while node < size:
+                node = 2 * node if room[2 * node] >= need else 2 * node + 1
+            b = node - size
+            bins[b].append(i)
+        else:
+            b = len(bins)
+            bins.append([i])
+            node = size + b
+            room[node] = seq_len
+        room[node] -= need
+        node //= 2
+        while node:
+            room[node] = max(room[2 * node], room[2 * node + 1])
+            node //= 2
+    return [sorted(members) for members in bins]
 
 
 def padding_fraction(lengths: list[int]) -> float:

@@ -76,9 +76,18 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    path: str | None = setting(None, "JSONL / JSON / CSV / Parquet file; null = the bundled "
-                                     "dataset", nonempty("a file path or null (the bundled dataset)"),
+    path: str | None = setting(None, "JSONL / JSON / CSV / Parquet file (local or an s3:// ... "
+                                     "URI), a save_to_disk folder, a dataset repository folder or "
+                                     "hub id (owner/name); null = the bundled dataset",
+                               nonempty("a file, URI, folder or hub id, or null (the bundled "
+                                        "dataset)"),
                                set_by="the data file: bundled.yaml (null) or custom.yaml (required)")
+    name: str | None = setting(None, "a hub dataset's configuration (load_dataset's name)",
+                               nonempty("a configuration name or null"))
+    split: str = setting("train", "the split of a saved folder, repository or hub id",
+                         nonempty("a split name, e.g. train"))
+    revision: str | None = setting(None, "a hub dataset's branch, tag or commit; null = main",
+                                   nonempty("a revision or null"))
     format: str = engine(DataSpec, "format", "how rows are read; auto detects it")
     eval_path: str | None = setting(None, "null = hold out eval_fraction of data.path",
                                     nonempty("a file path or null"))
@@ -340,7 +349,8 @@ class Config:
     def data_spec(self) -> DataSpec:
         d = self.data
         return DataSpec(
-            path=d.path, format=d.format, eval_path=d.eval_path, eval_fraction=d.eval_fraction,
+            path=d.path, name=d.name, split=d.split, revision=d.revision, format=d.format,
+            eval_path=d.eval_path, eval_fraction=d.eval_fraction,
             seq_len=self.train.seq_len, train_on_prompt=d.train_on_prompt,
             skip_invalid=d.skip_invalid, packing=d.packing, max_eval_examples=d.max_eval_examples,
         )

@@ -334,7 +334,7 @@ def test_eval_split_depends_only_on_the_file(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", _rows(50))
     base = load_data(DataSpec(path=str(path)), tok)
     assert (base.stats["n_train"], base.stats["n_eval"]) == (45, 5)
-    assert sorted(_texts(tok, base.train + base.eval)) == sorted(
+    assert sorted(_texts(tok, [*base.train, *base.eval])) == sorted(
         _texts(tok, load_data(DataSpec(path=str(path), eval_fraction=0.0), tok).train))
 
     copy_path = tmp_path / "elsewhere" / "other-name.jsonl"
@@ -370,16 +370,17 @@ def test_cache_hit_returns_equal_data(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", _rows(20))
     spec = DataSpec(path=str(path))
     first = load_data(spec, tok)
-    first.train.clear()  # a caller mutating its lists must not reach the cache
+    with pytest.raises(TypeError):  # the examples are read in place: a caller cannot change them
+        first.train[0] = first.train[1]
     second = load_data(spec, tok)
     assert len(second.train) == 18
-    files = list((tmp_path / "cache" / "data").glob("*.json"))
-    assert len(files) == 1
+    entries = list((tmp_path / "cache" / "data").glob("*/meta.json"))
+    assert len(entries) == 1 and list(entries[0].parent.glob("tokens*.arrow"))
     qdata._MEMORY.clear()
     from_disk = load_data(spec, tok)
-    assert from_disk == second
+    assert from_disk == second and list(from_disk.train) == list(first.train)
     load_data(DataSpec(path=str(path), seq_len=64), tok)  # another spec, another entry
-    assert len(list((tmp_path / "cache" / "data").glob("*.json"))) == 2
+    assert len(list((tmp_path / "cache" / "data").glob("*/meta.json"))) == 2
 
 
 def test_packed_split_keeps_eval_unpacked(tok):
@@ -399,7 +400,7 @@ def test_bundled_dataset(tok):
     assert validate_data_file(str(path)) == {"rows": 3000, "format": "alpaca", "skipped": 0}
     got = load_data(DataSpec(), tok)  # path None = the bundled dataset
     assert got.stats["n_truncated"] == 0 and got.stats["n_eval"] == 128
-    assert max(len(ex.input_ids) for ex in got.train + got.eval) < 128
+    assert max(len(ex.input_ids) for ex in [*got.train, *got.eval]) < 128
 
 
 def test_generator_reproduces_bundled_file(tmp_path):
