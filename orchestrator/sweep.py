@@ -43,6 +43,7 @@ from mlflow.exceptions import MlflowException
 from orchestrator.cluster import storage
 from orchestrator.cluster.background import abandon, start_connect
 from orchestrator.cluster.connect import disconnect
+from orchestrator.cluster.datashare import prepare
 from orchestrator.cluster.dispatch import dispatch
 from orchestrator.cluster.events import (
     MetricsEvent,
@@ -102,6 +103,8 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
     try:
         config = resume_config(normalize(config))  # resume=PATH: that one trial, from its folder
         trials = expand(config)
+        # Tokenized once, here, while Ray starts: bad data is an error before anything is recorded.
+        data = prepare(trials, storage.root(config.cluster.storage))
         tracker = _open_tracker(config)
     except BaseException as e:
         abandon(cluster)
@@ -146,7 +149,7 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
                     run_dir = open_run_dir(out_dir, tracker)
                     rows = _run(packs, workers, trials, tracker, console, run_dir,
                                 search=search, checkpoint_dir=checkpoints,
-                                storage_root=storage.root(config.cluster.storage),
+                                storage_root=storage.root(config.cluster.storage), data=data,
                                 checkpoint_every=config.train.checkpoint_every,
                                 max_retries=config.cluster.max_retries,
                                 lost_timeout_s=config.cluster.lost_timeout_s)
@@ -308,7 +311,8 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
          **faults) -> list[dict]:
     """Dispatch the packs and record every trial as its pack ends; returns the summary rows.
 
-    `faults` are `dispatch`'s checkpoint_dir, checkpoint_every, max_retries and lost_timeout_s.
+    `faults` are `dispatch`'s checkpoint_dir, checkpoint_every, max_retries, lost_timeout_s and
+    data (the driver's tokenized data, `orchestrator.cluster.datashare`).
     The `search` may stop trials early, backfill slots, exploit and add trials as the sweep goes.
     With a `storage_root`, each adapter is also copied there (orchestrator.cluster.storage).
     """

@@ -62,7 +62,7 @@ from .tokens import (
 __all__ = [
     "DataError", "Example", "Examples", "TokenizedData", "bundled_path", "read_records",
     "detect_format", "render", "tokenize_example", "prompt_ids", "load_data",
-    "validate_data_file", "source_of", "cache_dir",
+    "validate_data_file", "source_of", "cache_dir", "open_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class TokenizedData:
     eval: Sequence[Example]
     data_hash: str  # sha256 (first 16 hex) of the content; see `qlora.sources.content_hash`
     stats: dict = field(default_factory=dict)
+    key: str = ""  # the cache key: $QLORA_CACHE/data/<key>/ holds the tokenized files
     # stats: n_rows (valid rows read), n_train, n_eval, n_skipped (invalid rows), n_truncated,
     # n_dropped (examples with nothing to learn after masking and truncation), format
 
@@ -132,7 +133,17 @@ def load_data(spec: DataSpec, tokenizer) -> TokenizedData:
                     _build(spec, tokenizer, src, esrc, data_hash, folder)
                     data = _open(folder)
         _MEMORY[key] = data
-    return TokenizedData(data.train, data.eval, data.data_hash, dict(data.stats))
+    return TokenizedData(data.train, data.eval, data.data_hash, dict(data.stats), key)
+
+
+def open_key(key: str) -> TokenizedData | None:
+    """The tokenized data of cache key `key` if this machine has it (a driver prepared it, or
+    it was fetched from `cluster.storage`); None otherwise."""
+    data = _MEMORY.get(key) or _open(cache_dir(key))
+    if data is None:
+        return None
+    _MEMORY[key] = data
+    return TokenizedData(data.train, data.eval, data.data_hash, dict(data.stats), key)
 
 
 def cache_dir(key: str) -> Path:
@@ -271,7 +282,7 @@ def _open(folder: Path) -> TokenizedData | None:
                      np.load(folder / "pack_offsets.npy", mmap_mode="r"))
         train = Examples(tokens, np.load(folder / "train.npy", mmap_mode="r"), packs)
         eval_ = Examples(e_tokens, np.load(folder / "eval.npy", mmap_mode="r"))
-        return TokenizedData(train, eval_, meta["data_hash"], meta["stats"])
+        return TokenizedData(train, eval_, meta["data_hash"], meta["stats"], folder.name)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:  # corrupt or foreign: rebuild

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import DataSpec
 from .formats import FORMATS, DataError, detect_format, normalize, required_columns
-from .sources import Source, resolve, rows
+from .sources import Source, masked, resolve, rows
 
 __all__ = ["read_records", "validate_data_file", "scan", "write_records", "named", "FIELDS"]
 
@@ -21,11 +21,16 @@ _BATCH = 10_000  # records per Arrow record batch
 
 
 def named(ref: str, call):
+    """call(), its DataError prefixed with the source's name (a URI's credentials masked) unless
+    the message already starts with it."""
+    shown = masked(ref)
     try:
         return call()
     except DataError as e:
         text = str(e)
-        raise DataError(text if text.startswith(f"{ref}:") else f"{ref}: {text}") from None
+        ok = text.startswith((f"{ref}:", f"{shown}:")) and (shown == ref or not
+                                                              text.startswith(f"{ref}:"))
+        raise DataError(text if ok else f"{shown}: {text}") from None
 
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .formats import EXTENSIONS, DataError
 
-__all__ = ["Source", "resolve", "rows", "content_hash", "check_uri"]
+__all__ = ["Source", "resolve", "rows", "content_hash", "check_uri", "masked", "dataset"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _CHUNK = 1 << 20
@@ -61,16 +61,17 @@ def is_uri(path: str) -> bool:
     return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
 
 
+def masked(path: str) -> str:
+    """`path` as it may be shown: a URI's user and password replaced by ***."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", path)
+
+
 def check_uri(uri: str) -> None:
     """A URI names a place, never a credential: 'scheme://user:secret@...' is refused (the
     secret would reach logs and runs); credentials come from the environment."""
-    rest = uri.split("://", 1)[1]
-    netloc = rest.split("/", 1)[0]
-    if "@" in netloc:
-        scheme = uri.split("://", 1)[0]
-        raise DataError(f"{scheme}://***@{netloc.split('@', 1)[1]}...: credentials in a URI are "
-                        "refused; give them in the environment (e.g. AWS_ACCESS_KEY_ID / "
-                        "AWS_SECRET_ACCESS_KEY)")
+    if masked(uri) != uri:
+        raise DataError(f"{masked(uri)}: credentials in a URI are refused; give them in the "
+                        "environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
 
 
 def resolve(path: str, name: str | None = None, split: str = "train",
@@ -173,8 +174,7 @@ def dataset(src: Source):
     except (ValueError, KeyError) as e:
         raise DataError(_why(e)) from None
     except Exception as e:  # noqa: BLE001 - the hub's errors come in many classes
-        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
-                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        offline = datasets.config.HF_HUB_OFFLINE
         where = ("not in the local datasets cache (HF_HUB_OFFLINE is set)" if offline else
                  "not in the local datasets cache, and the hub did not give it")
         raise DataError(f"{where} ({type(e).__name__}: {_why(e)}); check the id, or download it "

@@ -62,7 +62,7 @@ class _Slot:
 
 def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_S, *,
              checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-             max_retries: int = 0, hooks=None,
+             max_retries: int = 0, hooks=None, data=None,
              refill: Callable[[], list[Pack]] | None = None,
              lost_timeout_s: float = LOST_TIMEOUT_S) -> Iterator[list[Event]]:
     """Run `packs` on up to `plan.num_workers` workers; yield the events of each poll interval.
@@ -78,6 +78,7 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
     `for_pack(pack_id, base, specs)` gives the engine's callbacks: early stopping, exploit,
     backfill), and `refill`, asked for more packs whenever a worker is idle
     and none is waiting (Optuna's next round); the loop ends when neither has anything left.
+    `data` (orchestrator.cluster.datashare.DataShare) names the tokenized data workers open.
     """
     if not packs:
         return
@@ -101,7 +102,7 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
                 slot, pack = idle.popleft(), todo.popleft()
                 ref = slots[slot].worker.run_pack.remote(
                     pack.pack_id, pack.base, [t.spec for t in pack.trials], checkpoint_dir,
-                    checkpoint_every, hooks)
+                    checkpoint_every, hooks, data)
                 running[ref] = (slot, pack)
             placing = {s.placing: i for i, s in enumerate(slots) if s.placing is not None}
             ready, _ = ray.wait([*running, *placing], num_returns=1, timeout=poll_s)

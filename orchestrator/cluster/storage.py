@@ -108,3 +108,53 @@ def _why(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     name = type(error).__name__
     return text if text.startswith(name) else f"{name}: {text}"
+
+
+# -- tokenized data, shared through the storage ---------------------------------------------------
+
+def put_data(folder: Path, storage: str) -> bool:
+    """Upload a tokenized data folder (`qlora.data.cache_dir(key)`) to `<storage>/data/<key>/`
+    unless it is there already; its meta.json goes last, so a folder with one is complete.
+    Returns True when it uploaded."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(join(storage, "data", folder.name))
+    if fs.exists(f"{path}/meta.json"):
+        return False
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name != "meta.json")
+    for file in [*files, folder / "meta.json"]:
+        fs.put_file(str(file), f"{path}/{file.name}")
+    return True
+
+
+def fetch_data(storage: str, key: str, folder: Path) -> bool:
+    """Download `<storage>/data/<key>/` into `folder` (a new folder, renamed into place when
+    complete; a file lock keeps the workers of one node to one download). Returns False when the
+    storage has no such complete folder."""
+    import os
+    import shutil
+    import tempfile
+
+    from filelock import FileLock
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(join(storage, "data", key))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if (folder / "meta.json").exists():
+            return True
+        if not fs.exists(f"{path}/meta.json"):
+            return False
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
+        try:
+            names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(path, detail=False))
+            for name in [*(n for n in names if n != "meta.json"), "meta.json"]:
+                fs.get_file(f"{path}/{name}", str(tmp / name))
+            (tmp / "fetched").write_text(storage)  # where it came from: never tokenized here
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.rename(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return True

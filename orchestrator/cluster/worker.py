@@ -120,14 +120,15 @@ class PackWorker:
 
     def run_pack(self, pack_id: str, base_spec: BaseSpec, specs: list[TrialSpec],
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-                 hooks=None) -> PackOutcome:
+                 hooks=None, data=None) -> PackOutcome:
         """Train `specs` together, each from its checkpoint under `checkpoint_dir` if it has one.
 
         An engine exception fails the trials that had not ended; out of device memory instead
         marks the outcome `oom`, with those trials `interrupted`, for the driver to split.
         With `hooks` (a search's, e.g. `orchestrator.search.coordinator.CoordinatorHooks`), whose
         `for_pack` gives this pack's callbacks, trials may be stopped early and freed slots are
-        backfilled with waiting trials; their results are in the outcome too.
+        backfilled with waiting trials; their results are in the outcome too. `data` (a
+        `DataShare`) names the driver's tokenized data, opened here instead of tokenized again.
         """
         import torch
 
@@ -169,7 +170,9 @@ class PackWorker:
         error, oom, base = None, False, None
         try:
             base = self._base_for(base_spec)
-            train_pack(base, specs, on_metrics=on_metrics, on_trial_end=on_trial_end,
+            datasets = data.open() if data is not None else None
+            train_pack(base, specs, datasets=datasets, on_metrics=on_metrics,
+                       on_trial_end=on_trial_end,
                        next_trial=hooks.next_trial if hooks is not None else None,
                        exploit=hooks.exploit if hooks is not None else None,
                        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)

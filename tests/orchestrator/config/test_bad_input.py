@@ -187,6 +187,13 @@ CASES = [
      "tracking.uri: postgresql://u:***@db.example/mlflow: credentials do not belong in the URI"),
     ("tracking-uri-http-password", [f"tracking.uri=http://u:{SECRET}@127.0.0.1:1"],
      "give them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
+    # A hub dataset that is neither cached nor reachable (HF_HUB_OFFLINE is set for every case).
+    ("hub-dataset-not-cached", ["data.path=nobody/no-such-set"],
+     "data.path: nobody/no-such-set: not in the local datasets cache (HF_HUB_OFFLINE is set)"),
+    ("data-uri-password", [f"data.path=s3://key:{SECRET}@bucket/train.jsonl"],
+     "data.path: s3://***@bucket/train.jsonl: credentials in a URI are refused"),
+    ("unknown-data-type", ["data.path=rows.txt"],
+     "data.path: rows.txt: unsupported file type '.txt'"),
     # A store whose driver is not installed is bad input, not a traceback after the start.
     ("tracking-uri-no-driver", ["tracking.uri=mssql+pyodbc://u@db.example/mlflow"],
      "tracking.uri: no driver for mssql+pyodbc:// is installed"),
@@ -200,7 +207,8 @@ def _run(folder: Path, overrides: list[str],
     env.update(extra_env or {})
     # TMPDIR: where `ray start` would have left a cluster's address; here, nowhere
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
-               TMPDIR=str(folder), HF_HUB_CACHE=str(folder / "hf"))
+               TMPDIR=str(folder), HF_HUB_CACHE=str(folder / "hf"),
+               HF_DATASETS_CACHE=str(folder / "hf-datasets"))
     result = subprocess.run([sys.executable, "-m", "orchestrator", *overrides], cwd=folder,
                             env=env, capture_output=True, text=True, timeout=60)
     return folder, result
