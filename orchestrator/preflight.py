@@ -55,7 +55,7 @@ def check_data(cfg: Config) -> None:
     ours). A sweep may give trials their own `data.path`: each distinct file is checked once.
     With `data.skip_invalid=true`, how many rows will be skipped is said here, before training."""
     from orchestrator.search.expand import expand
-    from qlora.config import DataSpec
+    from qlora.config import DataSpec, mix_sources
     from qlora.data import DataError, validate_data_file
 
     seen: set[tuple] = set()
@@ -64,15 +64,21 @@ def check_data(cfg: Config) -> None:
             raise ConfigError("data.eval_fraction", "0 holds out no eval split, and a trial with "
                                                     "no eval example has no eval_loss to rank; "
                                                     "give a fraction in (0, 1) or data.eval_path")
-        for key, path in (("data.path", data.path), ("data.eval_path", data.eval_path)):
-            what = (path, data.format, data.skip_invalid, data.name, data.split, data.revision)
+        sources = [("data.path", data.path, data.format, data.name, data.split, data.revision,
+                    data.eval_path is None),
+                   ("data.eval_path", data.eval_path, data.format, data.name, data.split,
+                    data.revision, False)]
+        for m in mix_sources(data.mix) if data.mix else ():  # each holds out its own eval split
+            sources.append(("data.mix", m.path, m.format or data.format, m.name, m.split,
+                            m.revision, True))
+        for key, path, fmt, name, split, revision, holds_eval in sources:
+            what = (path, fmt, data.skip_invalid, name, split, revision)
             if path is None or what in seen:
                 continue
             seen.add(what)
             try:
-                info = validate_data_file(path, data.format, data.skip_invalid,
-                                          spec=DataSpec(name=data.name, split=data.split,
-                                                        revision=data.revision))
+                info = validate_data_file(path, fmt, data.skip_invalid, spec=DataSpec(
+                    name=name, split=split, revision=revision))
             except DataError as e:
                 raise ConfigError(key, str(e)) from None
             except OSError as e:
@@ -80,7 +86,7 @@ def check_data(cfg: Config) -> None:
             if info.get("skipped"):
                 print(f"note: {key}: {path}: {info['skipped']} invalid rows will be skipped "
                       f"(data.skip_invalid=true), {info['rows']} kept", file=sys.stderr)
-            if key == "data.path" and data.eval_path is None and info["rows"] < 2:
+            if holds_eval and info["rows"] < 2:
                 raise ConfigError(key, f"{path} has {info['rows']} row(s): too few to hold out an "
                                        "eval split (2 or more, or give data.eval_path)")
 

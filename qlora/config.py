@@ -135,6 +135,79 @@ def pattern_error(name: str, pattern: dict) -> str | None:
     return None
 
 
+MIX_KEYS = ("path", "weight", "label", "name", "split", "revision", "format")
+
+
+@dataclass(frozen=True)
+class MixSource:
+    """One source of a mixture (`DataSpec.mix`): its rows are drawn with probability
+    weight / (sum of weights); `label` names its `eval_loss_<label>` (default: from the path)."""
+
+    path: str
+    weight: float = 1.0
+    label: str = ""
+    name: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    format: str | None = None  # None: the DataSpec's format
+
+
+def mix_error(mix) -> str | None:
+    """Why `mix` (a list of {path, weight, ...} mappings) is refused as `data.mix`, or None."""
+    if not isinstance(mix, list | tuple) or len(mix) < 2:
+        return "a list of 2 or more sources"
+    for i, entry in enumerate(mix):
+        if isinstance(entry, MixSource):
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) \
+                or not entry["path"].strip():
+            return f"entry {i} has no path"
+        unknown = sorted(set(entry) - set(MIX_KEYS))
+        if unknown:
+            return f"entry {i}: unknown key {unknown[0]!r}; known: {', '.join(MIX_KEYS)}"
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+            return f"entry {i}: weight must be a number > 0, got {weight!r}"
+        fmt = entry.get("format")
+        if fmt is not None and fmt not in DATA_FORMATS:
+            return f"entry {i}: format must be one of {', '.join(DATA_FORMATS)}, got {fmt!r}"
+    labels = [label for label, _ in mix_labels(mix)]
+    if len(set(labels)) != len(labels):
+        return f"two sources share the label {_first_repeat(labels)!r}; give each a label"
+    return None
+
+
+def _first_repeat(items: list) -> object:
+    seen = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
+
+
+def mix_sources(mix) -> tuple[MixSource, ...]:
+    """`data.mix` entries as MixSources (labels filled in)."""
+    out = []
+    for (label, entry) in mix_labels(mix):
+        fields_ = entry if isinstance(entry, dict) else asdict(entry)
+        out.append(MixSource(**{**fields_, "weight": float(fields_.get("weight", 1.0)),
+                                "label": label}))
+    return tuple(out)
+
+
+def mix_labels(mix) -> list[tuple[str, object]]:
+    """(label, entry) of each source: its `label`, else its path's last part without the
+    extension, reduced to letters, digits and _ (metric names: eval_loss_<label>)."""
+    out = []
+    for entry in mix:
+        get = entry.get if isinstance(entry, dict) else lambda k, e=entry: getattr(e, k, None)
+        label = get("label") or re.sub(r"\W+", "_", re.sub(r"\.\w+$", "", str(get("path"))
+                                                           .rstrip("/").rsplit("/", 1)[-1]))
+        out.append((label.strip("_") or "source", entry))
+    return out
+
+
 def pattern_value(pattern: tuple[tuple[str, float], ...], path: str, default):
     """PEFT's `rank_pattern` / `alpha_pattern` lookup: the value of the first key (in the order
     given) that matches the whole module path or its tail after a dot (`re.match` of
@@ -228,6 +301,8 @@ class DataSpec:
     skip_invalid: bool = False
     packing: str = "none"  # none | pack (several short examples per sequence)
     max_eval_examples: int | None = 128  # evaluation cost bound; None = the whole eval split
+    # a mixture: rows of each source drawn by weight (path, name, split, revision unused)
+    mix: tuple[MixSource, ...] = ()
 
     def __post_init__(self) -> None:
         _check_limits(self)

@@ -80,6 +80,8 @@ class TokenizedData:
     data_hash: str  # sha256 (first 16 hex) of the content; see `qlora.sources.content_hash`
     stats: dict = field(default_factory=dict)
     key: str = ""  # the cache key: $QLORA_CACHE/data/<key>/ holds the tokenized files
+    # a mixture's sources, in order: (label, share, n_train, n_eval); see qlora.mixture
+    parts: tuple = ()
     # stats: n_rows (valid rows read), n_train, n_eval, n_skipped (invalid rows), n_truncated,
     # n_dropped (examples with nothing to learn after masking and truncation), format
 
@@ -115,6 +117,10 @@ def load_data(spec: DataSpec, tokenizer) -> TokenizedData:
     equal data, from an in-process cache or $QLORA_CACHE/data/. Raises DataError for a bad source
     or an empty train split. With packing='pack' the train split holds rows of several examples
     (see `qlora.packing`); eval stays one example per row."""
+    if spec.mix:
+        from .mixture import mixture, parts_of
+
+        return mixture(spec, [load_data(part, tokenizer) for _, part in parts_of(spec)])
     src = source_of(spec)
     esrc = source_of(spec, spec.eval_path) if spec.eval_path else None
     data_hash = _data_hash(src, esrc)
@@ -313,5 +319,9 @@ def data_info(data) -> dict:
     for key in ("n_train", "n_eval", "n_truncated", "n_skipped", "n_dropped", "format"):
         if key in stats:
             info[key] = stats[key]
+    for label, source in stats.get("sources", {}).items():  # a mixture's sources
+        info[f"share_{label}"] = source["share"]
+        info[f"n_train_{label}"] = source["n_train"]
+        info[f"data_hash_{label}"] = source["data_hash"]
     return info
 

@@ -45,6 +45,7 @@ from .exploit import Exploit, align, exploit_round, set_values
 from .export import adapter_files
 from .generate import SAMPLES, judge
 from .layer import Segment, label
+from .mixture import stream_for
 from .optim import build_optimizer, clip_, grad_norm, lr_at
 from .result import TrialResult
 from .stream import IGNORE, TrialStream, collate
@@ -161,7 +162,7 @@ def _open_slot(base: Base, spec: TrialSpec, data_cache: dict, checkpoint_dir=Non
     params = inject(base, key, spec)
     slot = _Slot(
         spec=spec, key=key, params=params, optimizer=build_optimizer(params, spec),
-        stream=TrialStream(len(data.train), spec.micro_batch_size, spec.seed), data=data,
+        stream=stream_for(data, spec.micro_batch_size, spec.seed), data=data,
     )
     saved = checkpoint.load(checkpoint_dir, spec.trial_id) if checkpoint_dir else None
     if saved is not None:
@@ -189,8 +190,8 @@ def _restore(base: Base, slot: _Slot, adapter: dict, optimizer_state: dict, stat
     if optimizer_state["state"]:
         slot.optimizer.load_state_dict(optimizer_state)
     slot.step, slot.micro, slot.saved_step = state["step"], state["micro"], state["step"]
-    slot.stream = TrialStream(len(slot.data.train), slot.spec.micro_batch_size, slot.spec.seed,
-                              **state["data_position"])
+    slot.stream = stream_for(slot.data, slot.spec.micro_batch_size, slot.spec.seed,
+                             **state["data_position"])
     slot.train_losses = list(state["train_losses"])
     slot.eval_history = [tuple(e) for e in state["eval_history"]]
     slot.eval_metrics, slot.samples = state.get("eval_metrics", {}), state.get("samples", [])
@@ -343,13 +344,27 @@ def _optimizer_step(slot: _Slot, on_metrics) -> None:
 
 def _evaluate_and_report(base: Base, due: list[_Slot], on_metrics) -> None:
     with label("qlora.eval"):
-        losses = evaluate(base, [(s.key, s.data.eval) for s in due])
+        # A mixture's sources are evaluated as parts of their own: eval_loss_<label> each.
+        parts, owners = [], []
+        for n, s in enumerate(due):
+            sources = s.data.eval.parts if s.data.parts else [s.data.eval]
+            labels = [p[0] for p in s.data.parts] or [None]
+            for source_label, examples in zip(labels, sources, strict=True):
+                if len(examples):
+                    parts.append((s.key, examples))
+                    owners.append((n, source_label))
+        sums, counts = eval_sums(base, parts)
+    per_slot = [{} for _ in due]
+    for (n, source_label), total, tokens in zip(owners, sums, counts, strict=True):
+        per_slot[n][source_label] = (total, tokens)
     with label("qlora.generate"):  # every due trial answers in the same model calls
         judged = judge(base, [(s.key, s.data.eval, s.spec) for s in due])
-    for slot, loss, (scores, samples) in zip(due, losses, judged, strict=True):
+    for slot, got, (scores, samples) in zip(due, per_slot, judged, strict=True):
+        loss = sum(t for t, _ in got.values()) / max(1, sum(c for _, c in got.values()))
+        by_source = {f"eval_loss_{k}": t / c for k, (t, c) in got.items() if k and c}
         slot.eval_due = False
         slot.eval_history.append((slot.step, loss))
-        slot.eval_metrics, slot.samples = {"eval_loss": loss, **scores}, samples
+        slot.eval_metrics, slot.samples = {"eval_loss": loss, **by_source, **scores}, samples
         metrics = {**slot.eval_metrics, **({SAMPLES: samples} if samples else {})}
         stop = on_metrics is not None and on_metrics(slot.spec.trial_id, slot.step, metrics)
         if slot.step >= slot.spec.max_steps:
@@ -358,9 +373,16 @@ def _evaluate_and_report(base: Base, due: list[_Slot], on_metrics) -> None:
             _end(slot, TrialStatus.STOPPED, f"stopped early at step {slot.step}")
 
 
-@torch.no_grad()
 def evaluate(base: Base, parts: list[tuple[str, list]]) -> list[float]:
     """Token-weighted mean loss of each (adapter slot, examples) pair, evaluated together."""
+    sums, counts = eval_sums(base, parts)
+    return [s / max(1, c) for s, c in zip(sums, counts, strict=True)]
+
+
+@torch.no_grad()
+def eval_sums(base: Base, parts: list[tuple[str, list]]) -> tuple[list[float], list[int]]:
+    """(summed token loss, number of tokens) of each (adapter slot, examples) pair, evaluated
+    together; a slot may appear in several pairs (a mixture's sources)."""
     model = base.model
     model.eval()
     sums = [0.0] * len(parts)
@@ -380,7 +402,7 @@ def evaluate(base: Base, parts: list[tuple[str, list]]) -> list[float]:
             total, n_tokens = _token_loss(model, hidden, batch.labels, start, end)
             sums[i] += total.item()
             counts[i] += n_tokens
-    return [s / max(1, c) for s, c in zip(sums, counts, strict=True)]
+    return sums, counts
 
 
 @torch.no_grad()

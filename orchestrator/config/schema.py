@@ -27,7 +27,15 @@ from orchestrator.config.rules import (
     nonempty,
 )
 from orchestrator.config.strategies import Registered
-from qlora.config import LIMITS, TINY, BaseSpec, DataSpec, TrialSpec, pattern_error
+from qlora.config import (
+    LIMITS,
+    TINY,
+    BaseSpec,
+    DataSpec,
+    TrialSpec,
+    mix_sources,
+    pattern_error,
+)
 
 
 def setting(default: Any, help: str, allowed: Rule | None = None, set_by: str = "") -> Any:
@@ -82,6 +90,11 @@ class DataCfg:
                                nonempty("a file, URI, folder or hub id, or null (the bundled "
                                         "dataset)"),
                                set_by="the data file: bundled.yaml (null) or custom.yaml (required)")
+    mix: list[dict] | None = setting(
+        None, "a mixture: a list of {path, weight} (also label, name, split, revision, format); "
+              "rows drawn from each by weight, eval_loss_<label> per source; null = data.path",
+        Rule("a list of 2 or more {path, weight} entries (weight > 0; also label, name, split, "
+             "revision, format)", lambda v: v is None or isinstance(v, list)))
     name: str | None = setting(None, "a hub dataset's configuration (load_dataset's name)",
                                nonempty("a configuration name or null"))
     split: str = setting("train", "the split of a saved folder, repository or hub id",
@@ -350,6 +363,7 @@ class Config:
         d = self.data
         return DataSpec(
             path=d.path, name=d.name, split=d.split, revision=d.revision, format=d.format,
+            mix=mix_sources(d.mix) if d.mix else (),
             eval_path=d.eval_path, eval_fraction=d.eval_fraction,
             seq_len=self.train.seq_len, train_on_prompt=d.train_on_prompt,
             skip_invalid=d.skip_invalid, packing=d.packing, max_eval_examples=d.max_eval_examples,

@@ -34,12 +34,30 @@ def validate(cfg: Any) -> Config:
     _check_tracking_uri(config.tracking.uri)
     _check_exclusive_sweep(config)
     _check_eval(config)
+    _check_mix(config)
     if why := storage_error(config.cluster.storage, config.cluster.checkpoint_dir):
         raise ConfigError("cluster.storage", why)
     if config.sweep.strategy in DRAWING and config.sweep.num_trials is None:
         raise ConfigError("sweep.num_trials", f"must be an integer >= 1 for strategy "
                                               f"{config.sweep.strategy}, got null")
     return config
+
+
+def _check_mix(config: Config) -> None:
+    """`data.mix`: 2 or more well-formed sources, and not beside `data.path` / `data.eval_path`
+    (each source holds out its own eval split)."""
+    from qlora.config import mix_error
+
+    mix = config.data.mix
+    if mix is None:
+        return
+    if why := mix_error(mix):
+        raise ConfigError("data.mix", f"{why}; each entry is {{path, weight}} (weight > 0; also "
+                                      "label, name, split, revision, format)")
+    for key in ("path", "eval_path"):
+        if getattr(config.data, key) is not None:
+            raise ConfigError("data.mix", f"exclusive with data.{key}: a mixture names its "
+                                          "sources in its entries (use data=bundled with it)")
 
 
 _UNSET = ("null", "none", "0", "0.0", "")

@@ -93,3 +93,19 @@ def test_skip_invalid_reports_the_count_before_training(tmp_path):
     done = _run(tmp_path, f"data.path={path}", "data.skip_invalid=true", "dry_run=true")
     assert done.returncode == 0, done.stderr
     assert "2 invalid rows will be skipped" in done.stderr and "12 kept" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_mixture_records_each_source_share_and_eval_loss(tmp_path):
+    alpaca, chat = write_alpaca(tmp_path / "sorting.jsonl"), write_chat(tmp_path / "reversing.jsonl")
+    done = _run(tmp_path, f"data.mix=[{{path: {alpaca}, weight: 3}}, {{path: {chat}}}]", *FAST)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    [row] = _summary(tmp_path, "single")["trials"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = MlflowClient().get_run(row["run_id"])
+    tags, metrics = run.data.tags, run.data.metrics
+    assert (tags["qlora.data.format"], tags["qlora.data.share_sorting"],
+            tags["qlora.data.share_reversing"]) == ("mix", "0.75", "0.25")
+    assert {"eval_loss", "eval_loss_sorting", "eval_loss_reversing"} <= set(metrics)
+    low, high = sorted([metrics["eval_loss_sorting"], metrics["eval_loss_reversing"]])
+    assert low < metrics["eval_loss"] < high

@@ -192,6 +192,12 @@ CASES = [
      "data.path: nobody/no-such-set: not in the local datasets cache (HF_HUB_OFFLINE is set)"),
     ("data-uri-password", [f"data.path=s3://key:{SECRET}@bucket/train.jsonl"],
      "data.path: s3://***@bucket/train.jsonl: credentials in a URI are refused"),
+    ("mix-of-one", ["data.mix=[{path: good.jsonl, weight: 2}]"],
+     "data.mix: a list of 2 or more sources; each entry is {path, weight}"),
+    ("mix-missing-file", ["data.mix=[{path: good.jsonl}, {path: nope.jsonl, weight: 0.5}]"],
+     "data.mix: nope.jsonl: no such file"),
+    ("mix-beside-path", ["data.path=good.jsonl", "data.mix=[{path: good.jsonl}, {path: x.csv}]"],
+     "data.mix: exclusive with data.path"),
     ("unknown-data-type", ["data.path=rows.txt"],
      "data.path: rows.txt: unsupported file type '.txt'"),
     # A store whose driver is not installed is bad input, not a traceback after the start.
