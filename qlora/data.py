@@ -45,7 +45,8 @@ import numpy as np
 from .config import DataSpec, stable_hash
 from .formats import DataError, detect_format, render
 from .packing import pack_bins
-from .records import named, read_records, scan, validate_data_file, write_records
+from .records import named, read_records, validate_data_file
+from .records import records as read_source
 from .sources import Source, content_hash, resolve
 from .tiny import cache_root
 from .tokens import (
@@ -195,8 +196,8 @@ def _build(spec: DataSpec, tokenizer, src: Source, esrc: Source | None, data_has
 
 def _build_into(spec: DataSpec, tokenizer, src: Source, esrc: Source | None, data_hash: str,
                 tmp: Path) -> dict:
-    fmt = scan(src, spec.format, spec.skip_invalid)["format"]
-    records, skipped = write_records(src, fmt, spec.skip_invalid, tmp / "records.arrow")
+    records, info = named(src.ref, lambda: read_source(src, spec.format, spec.skip_invalid))
+    fmt, skipped = info["format"], info["skipped"]
     tokens = tokenize_all(records, fmt, tokenizer, spec, tmp / "tokens.arrow")
     n = len(tokens)
     cols = flags(tokens)
@@ -207,9 +208,8 @@ def _build_into(spec: DataSpec, tokenizer, src: Source, esrc: Source | None, dat
         in_train[eval_order] = False
         e_cols, e_ref, e_files = cols, src, None
     else:
-        e_fmt = scan(esrc, spec.format, spec.skip_invalid)["format"]
-        e_records, e_skipped = write_records(esrc, e_fmt, spec.skip_invalid,
-                                              tmp / "eval_records.arrow")
+        e_records, e_info = read_source(esrc, spec.format, spec.skip_invalid)
+        e_fmt, e_skipped = e_info["format"], e_info["skipped"]
         e_tokens = tokenize_all(e_records, e_fmt, tokenizer, spec, tmp / "eval_tokens.arrow")
         e_cols, e_ref = flags(e_tokens), esrc
         e_files = [Path(f["filename"]).name for f in e_tokens.cache_files]
@@ -266,8 +266,6 @@ def _build_into(spec: DataSpec, tokenizer, src: Source, esrc: Source | None, dat
         stats["n_train_rows"] = len(bins)
     files = [Path(f["filename"]).name for f in tokens.cache_files]
     del tokens, records
-    for name in ("records.arrow", "eval_records.arrow"):
-        (tmp / name).unlink(missing_ok=True)
     return {"files": files, "eval_files": e_files, "data_hash": data_hash, "stats": stats,
             "version": _CACHE_VERSION}
 

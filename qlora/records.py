@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from .config import DataSpec, stable_hash
@@ -17,9 +19,11 @@ from .formats import FORMATS, DataError, detect_format, normalize, required_colu
 from .sources import Source, content_hash, masked, resolve, rows
 from .tiny import cache_root
 
-__all__ = ["read_records", "validate_data_file", "scan", "write_records", "named", "FIELDS"]
+__all__ = ["read_records", "validate_data_file", "records", "scan", "write_records", "named",
+           "FIELDS"]
 
 _BATCH = 10_000  # records per Arrow record batch
+_VERSION = 1  # bump when validation or the records' layout changes
 
 
 def named(ref: str, call):
@@ -62,35 +66,39 @@ def validate_data_file(path: str, format: str = "auto", skip_invalid: bool = Fal
     'FILE: no such file', an unsupported extension, and a dataset that cannot be loaded."""
     spec = spec or DataSpec()
     src = named(path, lambda: resolve(path, spec.name, spec.split, spec.revision))
-    # Checked once per content: a second sweep on the same data reads none of it here.
-    memo = cache_root() / "data" / "valid" / (stable_hash(
-        ["v1", named(path, lambda: content_hash(src)), format, skip_invalid], 24) + ".json")
-    try:
-        return json.loads(memo.read_text())
-    except (OSError, ValueError):
-        pass
-    info = _validate(src, format, skip_invalid)
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, memo)
-    except OSError:
-        pass
-    return info
+    return records(src, format, skip_invalid)[1]
 
 
-def _validate(src: Source, format: str, skip_invalid: bool) -> dict:
-    fmt = scan(src, format, skip_invalid)["format"]
-    n, skipped = 0, 0
-    for _, record in _records(src, fmt, skip_invalid):
-        if record is None:
-            skipped += 1
-        else:
-            n += 1
-    if not n:
-        raise DataError(f"{src.ref}: no valid rows ({skipped} skipped)")
-    return {"rows": n, "format": fmt, "skipped": skipped}
+def records(src: Source, format: str, skip_invalid: bool):
+    """(Dataset, info) of the source's valid records, written once per content, format and
+    `skip_invalid` to $QLORA_CACHE/data/records/<key>/ (an Arrow file and meta.json, written
+    last): the preflight's check writes them, and every tokenization (any tokenizer, any
+    seq_len) reads them instead of the source. info: {'rows', 'format', 'skipped'}."""
+    import datasets
+    from filelock import FileLock
+
+    key = stable_hash([_VERSION, named(src.ref, lambda: content_hash(src)), format,
+                       skip_invalid, src.loc_kind], 20)
+    folder = cache_root() / "data" / "records" / key
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        try:
+            info = json.loads((folder / "meta.json").read_text())
+        except (OSError, ValueError):
+            fmt = scan(src, format, skip_invalid)["format"]
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
+            try:
+                skipped = write_records(src, fmt, skip_invalid, tmp / "records.arrow")
+                n = datasets.Dataset.from_file(str(tmp / "records.arrow")).num_rows
+                info = {"rows": n, "format": fmt, "skipped": skipped}
+                (tmp / "meta.json").write_text(json.dumps(info))
+                if folder.exists():
+                    shutil.rmtree(folder)
+                os.rename(tmp, folder)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.Dataset.from_file(str(folder / "records.arrow")), info
 
 
 def scan(src: Source, fmt: str, skip_invalid: bool) -> dict:
@@ -164,10 +172,10 @@ FIELDS = {"alpaca": ("instruction", "input", "output"), "prompt_completion": ("p
            "text": ("text",), "chat": ("messages",)}
 
 
-def write_records(src: Source, fmt: str, skip_invalid: bool, path: Path):
+def write_records(src: Source, fmt: str, skip_invalid: bool, path: Path) -> int:
     """The source's valid records as an Arrow file (one string column per field, a chat's
-    messages as JSON text, and `loc`: the row's line or row number); returns (Dataset, skipped)."""
-    import datasets
+    messages as JSON text, and `loc`: the row's line or row number); returns how many rows were
+    skipped. Raises DataError as `validate_data_file` does."""
     import pyarrow as pa
 
     names = FIELDS[fmt]
@@ -197,6 +205,6 @@ def write_records(src: Source, fmt: str, skip_invalid: bool, path: Path):
             flush(writer)
     if not n:
         raise DataError(f"{src.ref}: no valid rows ({skipped} skipped)")
-    return datasets.Dataset.from_file(str(path)), skipped
+    return skipped
 
 
