@@ -347,8 +347,9 @@ def _evaluate_and_report(base: Base, due: list[_Slot], on_metrics) -> None:
         # A mixture's sources are evaluated as parts of their own: eval_loss_<label> each.
         parts, owners = [], []
         for n, s in enumerate(due):
-            sources = s.data.eval.parts if s.data.parts else [s.data.eval]
-            labels = [p[0] for p in s.data.parts] or [None]
+            mixed = getattr(s.data, "parts", ())  # (data of other kinds may not have it)
+            sources = s.data.eval.parts if mixed else [s.data.eval]
+            labels = [p[0] for p in mixed] or [None]
             for source_label, examples in zip(labels, sources, strict=True):
                 if len(examples):
                     parts.append((s.key, examples))
