@@ -37,7 +37,8 @@ _SHORT = {
 #: Keys left out of a trial's id while at these defaults, so ids from before they existed hold.
 _NEW_DEFAULTS = {"lora": {"use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
                           "init": "gaussian", "loftq_iter": 1},
-                 "train": {"num_epochs": None, "warmup_ratio": 0.0}}
+                 "train": {"num_epochs": None, "warmup_ratio": 0.0},
+                 "data": {"mix": None, "name": None, "split": "train", "revision": None}}
 _ALWAYS = ("lora.r", "lora.alpha", "train.learning_rate")
 #: Significant digits kept of a randomly drawn float, so params and names stay readable.
 DIGITS = 4
@@ -134,7 +135,7 @@ def trial_id(cfg: Config) -> str:
     """
     data = dataclasses.asdict(cfg.data)
     for key in ("path", "eval_path"):
-        if data[key] is not None:
+        if data[key] is not None and "://" not in data[key]:
             data[key] = os.path.normpath(data[key])  # ./a.jsonl and a.jsonl are one file
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _NOT_IN_ID}
     if train["num_epochs"] is not None:
@@ -142,7 +143,7 @@ def trial_id(cfg: Config) -> str:
     if train["warmup_ratio"]:
         train.pop("warmup_steps")
     lora = dataclasses.asdict(cfg.lora)
-    for section, values in (("lora", lora), ("train", train)):
+    for section, values in (("lora", lora), ("train", train), ("data", data)):
         for key, default in _NEW_DEFAULTS[section].items():
             if values.get(key, default) == default:
                 values.pop(key, None)

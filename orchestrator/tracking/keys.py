@@ -90,6 +90,11 @@ def trial_params(trial: Trial) -> dict[str, str]:
     params: dict[str, str] = {}
     for section in TRIAL_SECTIONS:
         for key, value in asdict(getattr(cfg, section)).items():
+            if (section, key) == ("data", "mix"):  # each source as the engine reads it
+                from qlora.config import mix_sources
+
+                value = json.dumps([asdict(m) for m in mix_sources(value)] if value else [],
+                                   sort_keys=True)
             params[PARAM_NAMES.get((section, key), f"{section}_{key}")] = _param_value(value)
     params["seed"] = _param_value(cfg.seed)
     return params

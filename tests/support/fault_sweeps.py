@@ -44,6 +44,14 @@ def ledger_of(uri: str, experiment: str = "qlora-sweeps") -> Ledger:
     return Ledger(parents, runs, curves)
 
 
+def by_name(ledger: Ledger) -> Ledger:
+    """The ledger with trials keyed by their run names: a sweep whose data lies elsewhere (its
+    `data.path`, hence its trial ids, differ) compared with the reference, trial by trial."""
+    names = {tid: runs[0].info.run_name for tid, runs in ledger.runs.items()}
+    return Ledger(ledger.parents, {names[t]: r for t, r in ledger.runs.items()},
+                  {names[t]: c for t, c in ledger.curves.items()})
+
+
 def same_curve(mine: list, theirs: list, what: str) -> None:
     assert [s for s, _ in mine] == [s for s, _ in theirs], what  # also: no step twice
     for (_, a), (_, b) in zip(mine, theirs, strict=True):

@@ -111,14 +111,18 @@ SPEC_PARAMS = {
     "data.eval_fraction": "data_eval_fraction", "data.seq_len": "train_seq_len",
     "data.train_on_prompt": "data_train_on_prompt", "data.skip_invalid": "data_skip_invalid",
     "data.packing": "data_packing", "data.max_eval_examples": "data_max_eval_examples",
+    "data.name": "data_name", "data.split": "data_split", "data.revision": "data_revision",
+    "data.mix": "data_mix",
 }
 
 
 def _same(logged: str, used) -> bool:
     if isinstance(used, list | tuple) and all(isinstance(u, list | tuple) for u in used) and used:
         return json.loads(logged) == dict(used)  # rank_pattern / alpha_pattern: a JSON mapping
-    if used in ((), []) and logged == "{}":
+    if used in ((), []) and logged in ("{}", "[]"):
         return True
+    if isinstance(used, list | tuple) and all(isinstance(u, dict) for u in used):
+        return json.loads(logged) == list(used)  # data.mix: its sources
     if isinstance(used, list | tuple):
         return logged == ",".join(map(str, used))
     if isinstance(used, bool) or used is None or isinstance(used, str):

@@ -75,6 +75,12 @@ def test_same_config_has_the_same_id_in_any_sweep():
     assert trial_id(_config("lora.alpha=32.0", "train.learning_rate=0.002")) == shared
 
 
+def test_keys_added_later_leave_the_ids_of_earlier_sweeps_as_they_were():
+    # The id the default trial had before lora.init, data.mix, data.split... existed: a sweep
+    # recorded then is still found by resume=true, and its finished trials are not run again.
+    assert trial_id(_config()) == "7d42af8817db"
+
+
 @functools.cache
 def _defaults() -> dict:
     return OmegaConf.to_container(compose([]), resolve=True)
@@ -106,7 +112,9 @@ def test_tweak_matches_hydra():
     "train.learning_rate=1e-4", "train.max_steps=61", "train.seq_len=64",
     "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.optimizer=adamw",
     "train.weight_decay=0.01", "train.warmup_steps=5", "train.lr_schedule=linear",
-    "train.max_grad_norm=0.5", "train.eval_every=10", "seed=1",
+    "train.max_grad_norm=0.5", "train.eval_every=10", "seed=1", "data.split=test",
+    "data.name=other", "data.revision=v1",
+    "data.mix=[{path: a.jsonl}, {path: b.jsonl, weight: 2}]",
 ])
 def test_id_changes_with_every_result_affecting_key(override):
     assert trial_id(_tweak(override)) != trial_id(_config())
