@@ -137,8 +137,8 @@ def _recipe_trial(spec, trial) -> float:
 
     from qlora.base import resolve_source
     from qlora.data import load_data
+    from qlora.evaluate import EVAL_BATCH_SIZE
     from qlora.stream import TrialStream, collate
-    from qlora.train import EVAL_BATCH_SIZE
 
     model, params, opt = standard_recipe(resolve_source(spec), spec.compute_dtype, trial.r,
                                          trial.alpha, trial.learning_rate, trial.dropout)

@@ -38,9 +38,9 @@ import torch
 
 from qlora import BaseSpec, DataSpec, TrialSpec, load_base, train_pack
 from qlora.data import load_data
+from qlora.evaluate import evaluate
 from qlora.generate import judge
 from qlora.memory import measured_bits_per_weight
-from qlora.train import evaluate
 
 from .corpus import PACKAGE, samples
 

@@ -21,7 +21,8 @@ _EXPORTS = {
     "adapter_files": "export", "write_adapter": "export",
     "MemoryEstimate": "memory", "estimate_memory": "memory",
     "greedy": "generate", "judge": "generate",
-    "TrialResult": "train", "adapter_logits": "train", "evaluate": "train", "train_pack": "train",
+    "TrialResult": "train", "adapter_logits": "evaluate", "evaluate": "evaluate",
+    "train_pack": "train",
 }
 __all__ = sorted(_EXPORTS)
 

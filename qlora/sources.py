@@ -140,16 +140,23 @@ def _blank(f) -> bool:
 def _open(src: Source):
     if src.kind == "file":
         return open(src.where, "rb")
-    import fsspec
-
     try:
-        return fsspec.open(src.where, "rb").open()
+        fs, path = _fs(src)
+        return fs.open(path, "rb")
     except FileNotFoundError:
         raise DataError("no such file") from None
     except ImportError as e:
         raise DataError(f"no filesystem for this URI ({e})") from None
     except Exception as e:  # noqa: BLE001 - a store that cannot be reached: its own words
         raise DataError(f"cannot be read ({_why(e)})") from None
+
+
+def _fs(src: Source):
+    """(filesystem, path) of a URI, a fresh client: fsspec's cached one would keep the endpoint
+    and credentials the environment had when it was made."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(src.where, skip_instance_cache=True)
 
 
 def _why(e: BaseException) -> str:
@@ -203,10 +210,8 @@ def content_hash(src: Source) -> str:
 
 
 def _uri_info(src: Source) -> dict:
-    import fsspec
-
     try:
-        fs, path = fsspec.core.url_to_fs(src.where)
+        fs, path = _fs(src)
         info = fs.info(path)
     except FileNotFoundError:
         raise DataError("no such file") from None

@@ -27,20 +27,19 @@ formed one segment at a time, so at most one segment's logits exist at once.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint
 from .adapters import adapter_state, inject, load_adapter_state, remove, routing_of
 from .base import Base
 from .config import DataSpec, TrialSpec, TrialStatus
 from .data import data_info
+from .evaluate import eval_by_source, token_loss
 from .exploit import Exploit, align, exploit_round, set_values
 from .export import adapter_files
 from .generate import SAMPLES, judge
@@ -48,9 +47,7 @@ from .layer import Segment, label
 from .mixture import stream_for
 from .optim import build_optimizer, clip_, grad_norm, lr_at
 from .result import TrialResult
-from .stream import IGNORE, TrialStream, collate
-
-EVAL_BATCH_SIZE = 8
+from .stream import TrialStream, collate
 
 MetricsCallback = Callable[[str, int, dict], "bool | None"]
 
@@ -286,23 +283,9 @@ def _segment_losses(base: Base, batch) -> list[torch.Tensor]:
     hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state
     losses = []
     for start, end in batch.bounds:
-        total, n_tokens = _token_loss(model, hidden, batch.labels, start, end)
+        total, n_tokens = token_loss(model, hidden, batch.labels, start, end)
         losses.append(total / max(1, n_tokens))
     return losses
-
-
-def _token_loss(model, hidden: torch.Tensor, labels: torch.Tensor, start: int,
-                end: int) -> tuple[torch.Tensor, int]:
-    """Summed next-token loss of rows [start, end) and how many tokens it covers.
-
-    Logits are formed for these rows only, so at most one segment's logits exist at a time.
-    """
-    head = model.get_output_embeddings()
-    targets = labels[start:end, 1:]
-    logits = head(hidden[start:end, :-1].to(head.weight.dtype)).float()
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                            ignore_index=IGNORE, reduction="sum")
-    return total, int((targets != IGNORE).sum())
 
 
 def _drop_grads(slot: _Slot) -> None:
@@ -344,74 +327,16 @@ def _optimizer_step(slot: _Slot, on_metrics) -> None:
 
 def _evaluate_and_report(base: Base, due: list[_Slot], on_metrics) -> None:
     with label("qlora.eval"):
-        # A mixture's sources are evaluated as parts of their own: eval_loss_<label> each.
-        parts, owners = [], []
-        for n, s in enumerate(due):
-            mixed = getattr(s.data, "parts", ())  # (data of other kinds may not have it)
-            sources = s.data.eval.parts if mixed else [s.data.eval]
-            labels = [p[0] for p in mixed] or [None]
-            for source_label, examples in zip(labels, sources, strict=True):
-                if len(examples):
-                    parts.append((s.key, examples))
-                    owners.append((n, source_label))
-        sums, counts = eval_sums(base, parts)
-    per_slot = [{} for _ in due]
-    for (n, source_label), total, tokens in zip(owners, sums, counts, strict=True):
-        per_slot[n][source_label] = (total, tokens)
+        per_slot = eval_by_source(base, [(s.key, s.data) for s in due])
     with label("qlora.generate"):  # every due trial answers in the same model calls
         judged = judge(base, [(s.key, s.data.eval, s.spec) for s in due])
-    for slot, got, (scores, samples) in zip(due, per_slot, judged, strict=True):
-        loss = sum(t for t, _ in got.values()) / max(1, sum(c for _, c in got.values()))
-        by_source = {f"eval_loss_{k}": t / c for k, (t, c) in got.items() if k and c}
+    for slot, losses, (scores, samples) in zip(due, per_slot, judged, strict=True):
         slot.eval_due = False
-        slot.eval_history.append((slot.step, loss))
-        slot.eval_metrics, slot.samples = {"eval_loss": loss, **by_source, **scores}, samples
+        slot.eval_history.append((slot.step, losses["eval_loss"]))
+        slot.eval_metrics, slot.samples = {**losses, **scores}, samples
         metrics = {**slot.eval_metrics, **({SAMPLES: samples} if samples else {})}
         stop = on_metrics is not None and on_metrics(slot.spec.trial_id, slot.step, metrics)
         if slot.step >= slot.spec.max_steps:
             _end(slot, TrialStatus.FINISHED)
         elif stop:
             _end(slot, TrialStatus.STOPPED, f"stopped early at step {slot.step}")
-
-
-def evaluate(base: Base, parts: list[tuple[str, list]]) -> list[float]:
-    """Token-weighted mean loss of each (adapter slot, examples) pair, evaluated together."""
-    sums, counts = eval_sums(base, parts)
-    return [s / max(1, c) for s, c in zip(sums, counts, strict=True)]
-
-
-@torch.no_grad()
-def eval_sums(base: Base, parts: list[tuple[str, list]]) -> tuple[list[float], list[int]]:
-    """(summed token loss, number of tokens) of each (adapter slot, examples) pair, evaluated
-    together; a slot may appear in several pairs (a mixture's sources)."""
-    model = base.model
-    model.eval()
-    sums = [0.0] * len(parts)
-    counts = [0] * len(parts)
-    rounds = max(math.ceil(len(ex) / EVAL_BATCH_SIZE) for _, ex in parts)
-    routing = routing_of(base)
-    for r in range(rounds):
-        chunk = [(i, key, ex[r * EVAL_BATCH_SIZE:(r + 1) * EVAL_BATCH_SIZE])
-                 for i, (key, ex) in enumerate(parts)]
-        chunk = [c for c in chunk if c[2]]
-        batch = collate([c[2] for c in chunk], base.tokenizer.pad_token_id, base.device)
-        segments = [Segment(key, a, b) for (_, key, _), (a, b)
-                    in zip(chunk, batch.bounds, strict=True)]
-        with routing.route(segments):
-            hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state
-        for (i, _, _), (start, end) in zip(chunk, batch.bounds, strict=True):
-            total, n_tokens = _token_loss(model, hidden, batch.labels, start, end)
-            sums[i] += total.item()
-            counts[i] += n_tokens
-    return sums, counts
-
-
-@torch.no_grad()
-def adapter_logits(base: Base, slot: str, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits of the base with adapter `slot` alone (eval mode): for checks against PEFT."""
-    base.model.eval()
-    with routing_of(base).route([Segment(slot, 0, input_ids.shape[0])]):
-        return base.model(input_ids=input_ids.to(base.device),
-                          attention_mask=None if attention_mask is None
-                          else attention_mask.to(base.device)).logits

@@ -53,8 +53,8 @@ def test_champion_loads_and_generates_with_the_best_adapter(optuna_run, tmp_path
     from orchestrator.load import generate, load_adapter
     from qlora import BaseSpec, TrialSpec, load_base
     from qlora.adapters import inject, load_adapter_state, remove
+    from qlora.evaluate import adapter_logits
     from qlora.export import PEFT_PREFIX
-    from qlora.train import adapter_logits
 
     best = best_row(optuna_run.summary["trials"])
     loaded = load_adapter(f"models:/{NAME}@{CHAMPION_ALIAS}", optuna_run.config.tracking.uri,
