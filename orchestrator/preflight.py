@@ -3,8 +3,8 @@
 A sweep should fail in seconds, in one line, when a file is missing or a server is down, not
 after Ray has started and the first worker has loaded a model. Each check raises `ConfigError`
 naming the key whose value points at the problem; none of them creates a run or a cluster, the
-only file one writes is `cluster.storage`'s probe (deleted at once), and none imports Ray, MLflow
-or torch.
+only files they write are `cluster.storage`'s probe (deleted at once) and the data caches under
+$QLORA_CACHE, and none imports Ray or MLflow (only the last, `check_trials`, imports torch).
 """
 
 from __future__ import annotations
@@ -41,6 +41,22 @@ def preflight(cfg: Config) -> None:
     check_model(cfg)
     check_positions(cfg)
     check_resume(cfg)
+    check_trials(cfg)
+
+
+def check_trials(cfg: Config) -> None:
+    """What only the model can say of each trial, last (it imports torch and datasets): its
+    `lora.target_modules` select a linear of the model (its skeleton built on the meta device),
+    and its data tokenizes with the model's tokenizer and keeps an example at its `seq_len` (the
+    tokenized data is cached: the sweep then opens it)."""
+    from orchestrator.cluster.datashare import check_targets, prepare
+    from orchestrator.search.expand import expand
+
+    if cfg.sweep.strategy not in ("grid", "random"):
+        return  # a search proposes its trials as it goes: the sweep tokenizes them then
+    trials = expand(cfg)
+    check_targets(trials)
+    prepare(trials)
 
 
 def check_resume(cfg: Config) -> None:

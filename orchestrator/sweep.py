@@ -79,6 +79,7 @@ from orchestrator.tracking.keys import (
     OOM_SPLITS_TAG,
     RESTARTS_TAG,
 )
+from orchestrator.tracking.lease import live_holder
 from orchestrator.tracking.tracker import Tracker
 from qlora import checkpoint
 from qlora.config import TrialStatus
@@ -103,7 +104,8 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
     try:
         config = resume_config(normalize(config))  # resume=PATH: that one trial, from its folder
         trials = expand(config)
-        # Tokenized once, here, while Ray starts: bad data is an error before anything is recorded.
+        # The data tokenized once (by the preflight already, when the CLI ran it: then this
+        # opens its cache), uploaded for nodes that share no disk.
         data = prepare(trials, storage.root(config.cluster.storage))
         tracker = _open_tracker(config)
     except BaseException as e:
@@ -202,6 +204,10 @@ def _previous_sweep(config: Config, tracker: Tracker):
     if config.resume is not True:  # false, or a trial folder (a new sweep of that trial)
         return None
     previous = tracker.find_unfinished_sweep(config.sweep.name)
+    if previous is not None and (held := live_holder(previous)):
+        raise ConfigError("resume", f"sweep {config.sweep.name!r} (parent run "
+                                    f"{previous.info.run_id}) is running ({held}); wait for it "
+                                    "to end, or stop it (Ctrl-C) and resume then")
     if previous is None:
         print(f"note: resume=true: no unfinished sweep named {config.sweep.name!r} in experiment "
               f"{tracker.experiment_name!r}; starting a new one", file=sys.stderr)

@@ -117,6 +117,34 @@ def load_base(spec: BaseSpec, device: str | torch.device | None = None) -> Base:
     return Base(spec=spec, model=model, tokenizer=tokenizer, source=source, device=device)
 
 
+def target_error(spec: BaseSpec, target_modules) -> str | None:
+    """Why `target_modules` selects no linear of `spec`'s model, or None. The model is built on
+    the meta device from its config: no weight is read or allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .layer import is_linear, target_paths
+
+    config = AutoConfig.from_pretrained(resolve_source(spec), revision=spec.revision,
+                                        trust_remote_code=spec.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config,
+                                                 trust_remote_code=spec.trust_remote_code)
+    try:
+        target_paths(model, target_modules)
+    except ValueError:
+        names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules()
+                        if is_linear(m) and m is not model.get_output_embeddings()})
+        return (f"{_shown(target_modules)} match no linear module of {spec.name_or_path}; its "
+                f"linears are named {', '.join(names)} (or all-linear)")
+    return None
+
+
+def _shown(target_modules) -> str:
+    if isinstance(target_modules, str):
+        return target_modules
+    return "[" + ", ".join(target_modules) + "]"
+
+
 def _upcast_unquantized(model: torch.nn.Module) -> None:
     """PEFT's k-bit preparation: 16-bit weights that stay unquantized (norms, embeddings, lm_head)
     are kept in float32 for stable training; the 4-/8-bit weights are left as they are."""

@@ -22,6 +22,7 @@ at any moment leaves the previous checkpoint intact and pointed to. `root` may i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 KEEP = 2  # complete checkpoints kept per trial
+log = logging.getLogger(__name__)
 
 
 FILES = ("adapter.safetensors", "optimizer.safetensors", "state.json")
@@ -78,6 +80,8 @@ def save(root: str | Path, trial_id: str, adapter: dict[str, torch.Tensor],
     _sync(folder)
     for old in sorted(p for p in folder.glob("step-*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
+    for half in folder.glob(".step-*"):  # what a write killed before its rename left behind
+        shutil.rmtree(half, ignore_errors=True)
     return final
 
 
@@ -153,32 +157,46 @@ def check_folder(folder: str | Path) -> str:
 
 
 def load(root: str | Path, trial_id: str, step: int | None = None):
-    """The newest complete checkpoint of `trial_id` as (adapter, optimizer_state, state), or
-    None; with `step`, the one of that step (None if it is not kept)."""
+    """The newest complete, readable checkpoint of `trial_id` as (adapter, optimizer_state,
+    state), or None; with `step`, the one of that step (None if it is not kept or unreadable).
+    A `latest` that cannot be read (truncated by a full disk, say) falls back to the checkpoint
+    kept before it, with a warning: only that trial goes back."""
     if is_uri(root):
         fs, base = _fs(str(root))
         folder = f"{base}/{trial_id}"
         if not fs.exists(f"{folder}/latest"):
             return None
-        name = (_step_name(step) if step is not None
-                else fs.cat_file(f"{folder}/latest").decode().strip())
-        if step is not None and not fs.exists(f"{folder}/{name}/state.json"):
-            return None
-        step = f"{folder}/{name}"
+        latest = fs.cat_file(f"{folder}/latest").decode().strip()
+        kept = sorted((p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)), reverse=True)
 
-        def read(file: str) -> bytes:
-            return fs.cat_file(f"{step}/{file}")
+        def reader(name: str):
+            return lambda file: fs.cat_file(f"{folder}/{name}/{file}")
     else:
         folder = trial_dir(root, trial_id)
         pointer = folder / "latest"
         if not pointer.exists():
             return None
-        step_path = folder / (_step_name(step) if step is not None else pointer.read_text().strip())
-        if not (step_path / "state.json").exists():
-            return None
+        latest = pointer.read_text().strip()
+        kept = sorted((p.name for p in folder.iterdir()), reverse=True)
 
-        def read(file: str) -> bytes:
-            return (step_path / file).read_bytes()
+        def reader(name: str):
+            return lambda file: (folder / name / file).read_bytes()
+    if step is not None:
+        names = [_step_name(step)]
+    else:  # latest first, then the older complete ones, newest first
+        names = [latest, *(n for n in kept if n.startswith("step-") and n < latest)]
+    for name in names:
+        try:
+            return _read(reader(name))
+        except FileNotFoundError:
+            continue
+        except Exception as e:  # noqa: BLE001 - safetensors, JSON, a half object: unreadable
+            log.warning("checkpoint %s/%s of trial %s is unreadable (%s); trying the one before",
+                        folder, name, trial_id, e)
+    return None
+
+
+def _read(read):
     state = json.loads(read("state.json"))
     adapter = load_bytes(read("adapter.safetensors"))
     optimizer = _join_optimizer(load_bytes(read("optimizer.safetensors")), state.pop("optimizer"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -222,12 +223,10 @@ def is_linear(module: nn.Module) -> bool:
     """True for the linears LoRA can target: torch's and bitsandbytes' quantized ones."""
     if isinstance(module, nn.Linear):
         return True
-    try:
-        import bitsandbytes as bnb
-
-        return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        return False
+    # A quantized linear exists only once bitsandbytes is imported: never import it here (a
+    # driver checking a model's skeleton has no use for its kernels, nor its import warnings).
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
 def target_paths(model: nn.Module, target_modules: tuple[str, ...] | str) -> list[str]:

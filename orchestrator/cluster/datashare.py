@@ -42,6 +42,22 @@ class DataShare:
         return out
 
 
+def check_targets(trials: list) -> None:
+    """Every trial's `lora.target_modules` selects a linear of its model (the model's skeleton
+    built on the meta device, once per model and setting): an `error:` before any run, not a
+    failed pack."""
+    from qlora.base import target_error
+
+    seen = set()
+    for trial in trials:
+        what = (trial.base.name_or_path, trial.base.revision, trial.spec.target_modules)
+        if what in seen:
+            continue
+        seen.add(what)
+        if why := target_error(trial.base, trial.spec.target_modules):
+            raise ConfigError("lora.target_modules", why)
+
+
 def prepare(trials: list, storage: str | None = None) -> DataShare:
     """Tokenize the data of `trials` (Trial: .base, .spec.data) once each; upload it to
     `storage` when that is a URI. Raises ConfigError naming `data.path` (or `data.eval_path`,

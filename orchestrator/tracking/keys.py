@@ -46,6 +46,13 @@ RESTARTS_TAG = "qlora.restarts"  # times the trial went again from its checkpoin
 OOM_SPLITS_TAG = "qlora.oom_splits"  # times its pack was split after running out of device memory
 CHECKPOINT_DIR_TAG = "qlora.checkpoint_dir"  # on the parent: where its trials checkpoint
 RESUMES_TAG = "qlora.resumes"  # on the parent: how many times `resume=true` continued it
+# On the parent while its driver lives: who holds the sweep ({"host", "pid"}, JSON) and when it
+# last said so (unix seconds), renewed every HEARTBEAT_S; resume=true takes only a sweep whose
+# driver is gone (see orchestrator.tracking.lease).
+DRIVER_TAG = "qlora.driver"
+HEARTBEAT_TAG = "qlora.heartbeat"
+HEARTBEAT_S = 30.0
+LEASE_S = 3 * HEARTBEAT_S  # a heartbeat older than this: its driver is gone
 # A trial stopped by the search (status FINISHED, qlora.status=stopped): where and why.
 STOPPED_AT_RUNG_TAG = "qlora.stopped_at_rung"  # 1-based rung (sweep.asha.rungs)
 STOPPED_AT_STEP_TAG = "qlora.stopped_at_step"  # the rung's step

@@ -9,8 +9,10 @@ holds are not logged twice); trials new to the sweep get a child. A part of `Tra
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
+from orchestrator.tracking import lease
 from orchestrator.tracking.keys import (
     FAILURE_TAG,
     OOM_SPLITS_TAG,
@@ -51,6 +53,8 @@ class Resuming:
         """
         self.parent_run_id = parent_id = parent.info.run_id
         self.client.update_run(parent_id, status="RUNNING")
+        self._set_tags(parent_id, lease.holder())
+        self._beat = time.monotonic()
         self._runs_view()
         self._open.add(parent_id)
         self._forget_end(parent)

@@ -37,6 +37,7 @@ from mlflow.exceptions import MlflowException
 
 from orchestrator.cluster.lost import SweepLost
 from orchestrator.config.schema import Config, TrackingCfg
+from orchestrator.tracking import lease
 from orchestrator.tracking.keys import (
     ADAPTER_DIR,
     BATCH_METRICS,
@@ -46,6 +47,7 @@ from orchestrator.tracking.keys import (
     EXPERIMENT_KIND_TAG,
     FAILURE_TAG,
     FLUSH_INTERVAL_S,
+    HEARTBEAT_S,
     LINEAGE_TAG,
     OOM_SPLITS_TAG,
     PARENT_TAG,
@@ -99,6 +101,7 @@ class Tracker(Resuming):
         self._open: set[str] = set()  # runs not yet terminated
         self._buffer: dict[str, list[Metric]] = {}
         self._last_flush = 0.0
+        self._beat = 0.0  # when the parent's heartbeat was last renewed (monotonic)
         self._logged: set[tuple[str, str, int]] = set()  # (trial_id, key, step) already buffered
         self._counts: dict[tuple[str, str], int] = {}  # (trial_id, counter tag) -> value
         self._lineage: dict[str, list[dict]] = {}  # trial_id -> its exploits streamed (PBT)
@@ -111,6 +114,8 @@ class Tracker(Resuming):
                                         tags={ROLE_TAG: ROLE_SWEEP})
         self.parent_run_id = parent.info.run_id
         self._open.add(self.parent_run_id)
+        self._set_tags(self.parent_run_id, lease.holder())
+        self._beat = time.monotonic()
         self._log_params(self.parent_run_id, sweep_params(config, len(trials), extra_params))
         for trial in trials:
             self._new_child(trial)
@@ -206,6 +211,10 @@ class Tracker(Resuming):
             return
         self._last_flush = now
         self.client.later(self._send_buffer, key="metrics")
+        if self.parent_run_id is not None and now - self._beat >= HEARTBEAT_S:
+            self._beat = now  # the sweep's lease, renewed (orchestrator.tracking.lease)
+            self.client.later(functools.partial(self._set_tags, self.parent_run_id,
+                                                lease.heartbeat()), key="heartbeat")
 
     def _send_buffer(self) -> None:
         """A batch leaves the buffer only once the store took it."""

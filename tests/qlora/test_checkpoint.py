@@ -86,3 +86,20 @@ def test_a_kill_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypat
     ckpt.save(tmp_path, "t", {"w": torch.full((3,), 3.0)}, optimizer, {"step": 4})  # goes on
     adapter, _, state = ckpt.load(tmp_path, "t")
     assert state["step"] == 4 and torch.equal(adapter["w"], torch.full((3,), 3.0))
+    # The half-written folder of the killed write is gone once a later write succeeds.
+    assert not list(folder.glob(".step-*"))
+
+
+def test_a_corrupt_latest_falls_back_to_the_checkpoint_before_it(tmp_path):
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param])
+    param.grad = torch.ones(3)
+    optimizer.step()
+    for step in (2, 4):
+        ckpt.save(tmp_path, "t", {"w": torch.full((3,), float(step))}, optimizer, {"step": step})
+    newest = tmp_path / "t" / "step-000004" / "adapter.safetensors"
+    newest.write_bytes(newest.read_bytes()[:20])  # truncated: a disk that filled up, say
+    adapter, _, state = ckpt.load(tmp_path, "t")
+    assert state["step"] == 2 and torch.equal(adapter["w"], torch.full((3,), 2.0))
+    (tmp_path / "t" / "step-000002" / "state.json").write_text("{")  # and that one too
+    assert ckpt.load(tmp_path, "t") is None  # nothing readable: the trial starts afresh

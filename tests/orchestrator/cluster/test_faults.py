@@ -15,13 +15,18 @@ Three layers of tests, cheapest first:
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from support.fault_sweeps import (
     OVERRIDES,
+    REPO,
     SWEEP,
     Cli,
     Ledger,
@@ -375,6 +380,15 @@ def test_ctrl_c_ends_the_runs_killed_and_prints_the_command_that_resumes(tmp_pat
     cli = Cli(tmp_path, "pack.max_adapters=4", "cluster.num_workers=1")
     try:
         cli.wait_for(checkpointed(tmp_path))
+        # While it trains, every socket its Ray listens on is on loopback (nothing a network
+        # reaches: an open Ray runs anyone's jobs).
+        listening = _listening(cli.family.values())
+        # A second driver may not take a sweep whose driver lives (the lease on its parent run).
+        second = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *OVERRIDES, "pack.max_adapters=4",
+             "cluster.num_workers=1", "resume=true"], cwd=tmp_path, capture_output=True,
+            text=True, timeout=120, env={**{k: v for k, v in os.environ.items()
+                                            if not k.startswith("RAY_")}, "PYTHONPATH": str(REPO)})
         cli.proc.send_signal(signal.SIGINT)
         assert cli.finish(timeout=60) == 130, cli.output()
     finally:
@@ -385,6 +399,12 @@ def test_ctrl_c_ends_the_runs_killed_and_prints_the_command_that_resumes(tmp_pat
                         "resume=true"])
     assert command in out, out
     assert "Traceback" not in out, out
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert re.search(rf"^error: resume: sweep '{SWEEP}' \(parent run \w+\) is running \(driver "
+                     rf"on {re.escape(socket.gethostname())}, last seen \d+ s ago\)",
+                     second.stderr, re.M), second.stderr
+    assert {name for name, _ in listening} >= {"gcs_server", "raylet"}, listening
+    assert all(ip in ("127.0.0.1", "::1") for _, ip in listening), listening
     ledger = ledger_of(f"sqlite:///{tmp_path}/mlflow.db")
     assert [p.info.status for p in ledger.parents] == ["KILLED"]
     assert {runs[0].info.status for runs in ledger.runs.values()} == {"KILLED"}
@@ -392,3 +412,18 @@ def test_ctrl_c_ends_the_runs_killed_and_prints_the_command_that_resumes(tmp_pat
     # The checkpoints a resume needs are on disk, under the parent run's own folder.
     parent_id = ledger.parents[0].info.run_id
     assert any((tmp_path / "outputs" / SWEEP / "checkpoints" / parent_id).glob("*/latest"))
+
+
+def _listening(processes) -> list[tuple[str, str]]:
+    """(process name, address) of every TCP socket these processes listen on."""
+    import psutil
+
+    out = []
+    for process in processes:
+        try:
+            for conn in process.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    out.append((process.name(), conn.laddr.ip))
+        except psutil.Error:  # ended meanwhile
+            pass
+    return out

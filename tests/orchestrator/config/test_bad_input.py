@@ -30,6 +30,8 @@ def _files(folder: Path) -> None:
     (folder / "malformed.jsonl").write_text(GOOD_ROW + '{"instruction": "x", "output": \n')
     (folder / "good.jsonl").write_text(GOOD_ROW * 4)
     (folder / "one.jsonl").write_text(GOOD_ROW)
+    long_row = '{"instruction": "Say this: ' + "word " * 40 + '", "output": "ok"}\n'
+    (folder / "long.jsonl").write_text(long_row * 5)  # the prompt alone fills seq_len 8
     (folder / "not_a_model").mkdir()
     (folder / "bin_model").mkdir()  # a saved model whose weights are not safetensors
     (folder / "bin_model" / "config.json").write_text('{"model_type": "llama"}')
@@ -192,6 +194,12 @@ CASES = [
      "data.path: nobody/no-such-set: not in the local datasets cache (HF_HUB_OFFLINE is set)"),
     ("data-uri-password", [f"data.path=s3://key:{SECRET}@bucket/train.jsonl"],
      "data.path: s3://***@bucket/train.jsonl: credentials in a URI are refused"),
+    # Valid alone, wrong for this model: once a failed pack after training started.
+    ("target-modules-match-nothing", ["lora.target_modules=[qkv_proj]"],
+     "lora.target_modules: [qkv_proj] match no linear module of tiny; its linears are named "
+     "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or all-linear)"),
+    ("seq-len-keeps-no-example", ["data.path=long.jsonl", "train.seq_len=8"],
+     "train.seq_len: long.jsonl: no training examples left: 4 of 4 have no response token"),
     ("mix-of-one", ["data.mix=[{path: good.jsonl, weight: 2}]"],
      "data.mix: a list of 2 or more sources; each entry is {path, weight}"),
     ("mix-missing-file", ["data.mix=[{path: good.jsonl}, {path: nope.jsonl, weight: 0.5}]"],
