@@ -44,8 +44,6 @@ class WorkerPlan:
     resources: dict[str, float] = field(default_factory=dict)
 
 
-LOOPBACK = "127.0.0.1"
-
 #: Warnings Ray prints on every local start that ask nothing of the user: token auth turned on
 #: by a token file (a Ray this sweep starts and ends itself), and the driver's Ray starting in
 #: the background thread (orchestrator.cluster.background), where no SIGTERM handler can be set.
@@ -103,10 +101,7 @@ def connect(cluster: ClusterCfg) -> WorkerPlan:
             if cluster.address == "local":
                 # "local", not None: ray.init() alone joins the cluster named in
                 # /tmp/ray/ray_current_cluster (another user's, a test's) when there is one.
-                # Its node address is loopback: every server it starts (GCS, raylet, object
-                # manager, agents, workers) listens there, never on an address a network reaches.
-                ray.init(address="local", include_dashboard=False,
-                         _node_ip_address=LOOPBACK, **kwargs)
+                ray.init(address="local", include_dashboard=False, **kwargs)
             else:
                 ray.init(address=cluster.address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:

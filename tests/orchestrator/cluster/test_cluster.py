@@ -16,7 +16,6 @@ import pytest
 from support.fault_sweeps import (
     STEPS,
     Cli,
-    by_name,
     checkpointed,
     ledger_of,
     matches_reference,
@@ -68,20 +67,14 @@ def test_a_node_killed_while_the_server_is_down_changes_no_number(reference, tmp
     goes on, and the server comes back: its pack went to the head, nothing logged was lost."""
     from mlflow import MlflowClient
 
-    # The nodes share no disk with the driver: a cache of their own, and the data only in the
-    # bucket (the bundled file's bytes: the same split and numbers as the reference).
-    nodes_cache = tmp_path / "nodes-cache"
     with MotoS3(tmp_path) as s3, MlflowServer(tmp_path) as server, \
-            Cluster(tmp_path, nodes=1, env={**s3.env, "QLORA_CACHE": str(nodes_cache)}) \
-            as cluster:  # each node has the bucket's keys
+            Cluster(tmp_path, nodes=1, env=s3.env) as cluster:  # each node has the bucket's keys
         bucket = s3.fs()
         bucket.mkdir("sweeps")
-        bucket.put(str(bundled_path()), "sweeps/data/train.jsonl")
         [node] = cluster.nodes
         cli = Cli(tmp_path, "pack.max_adapters=2", "cluster.num_workers=2",
                   f"cluster.address={cluster.address}", f"tracking.uri={server.url}",
                   "cluster.storage=s3://sweeps/team", "tracking.register_as=cluster-best",
-                  "data.path=s3://sweeps/data/train.jsonl",
                   env={**_ray_env(cluster), **s3.env})
         try:
             cli.wait_for(lambda: node.pack_workers() and cluster.head.pack_workers())
@@ -111,13 +104,11 @@ def test_a_node_killed_while_the_server_is_down_changes_no_number(reference, tmp
         report = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
         stored = bucket.glob("sweeps/team/adapters/*/*/adapter/adapter_model.safetensors")
         left = bucket.glob("sweeps/team/checkpoints/**")
-        shared = bucket.glob("sweeps/team/data/*/meta.json")
     out = cli.output(tail=None)
     started = dict(STARTED.findall(out))
     assert len(set(started.values())) == 2, out  # packs placed on both nodes
     assert "worker lost" in out and "answers again after" in out
-    matches_reference(by_name(ledger), by_name(reference))  # every trial FINISHED once, the
-    #                                       uninterrupted numbers (the same bytes of data),
+    matches_reference(ledger, reference)  # every trial FINISHED once, the uninterrupted numbers,
     #                                       every point once: none lost, none twice
     restarts = {tid: int(runs[0].data.tags.get(RESTARTS_TAG, 0))
                 for tid, runs in ledger.runs.items()}
@@ -140,11 +131,6 @@ def test_a_node_killed_while_the_server_is_down_changes_no_number(reference, tmp
     assert len(stored) == 4 and {r["adapter_storage"] for r in rows.values()} == {
         f"s3://{p.rsplit('/', 1)[0]}" for p in stored}
     assert len(checkpoint_files) >= 8 and local == [] and left == []
-    # The data was tokenized once, by the driver, and reached the nodes through the bucket: their
-    # cache holds the fetched folder and nothing they read or tokenized themselves.
-    fetched = list(nodes_cache.glob("data/*/fetched"))
-    assert len(shared) == 1 and len(fetched) == 1 and fetched[0].parent.name in shared[0]
-    assert not (nodes_cache / "data" / "records").exists()
     secret = s3.env["AWS_SECRET_ACCESS_KEY"]
     assert secret not in out
     for runs in [ledger.parents, *ledger.runs.values()]:
@@ -194,3 +180,35 @@ def test_a_cluster_that_dies_stops_the_sweep_with_exit_3_and_resume_finishes_it(
     ledger = ledger_of(uri)
     assert [p.info.status for p in ledger.parents] == ["FINISHED"]
     matches_reference(ledger, reference)
+
+
+@pytest.mark.slow
+def test_data_on_s3_is_tokenized_once_and_reaches_nodes_that_share_no_disk(tmp_path):
+    """`data.path` on the bucket, nodes with caches of their own (no disk shared with the
+    driver): the driver tokenizes the data once and uploads it beside the checkpoints; each node
+    downloads it once and never reads or tokenizes the source itself."""
+    nodes_cache = tmp_path / "nodes-cache"
+    with MotoS3(tmp_path) as s3, \
+            Cluster(tmp_path, nodes=1, env={**s3.env, "QLORA_CACHE": str(nodes_cache)}) \
+            as cluster:
+        bucket = s3.fs()
+        bucket.mkdir("sweeps")
+        bucket.put(str(bundled_path()), "sweeps/data/train.jsonl")
+        cli = Cli(tmp_path, "pack.max_adapters=1", "cluster.num_workers=2",
+                  "train.max_steps=4", "train.checkpoint_every=0", "eval.num_samples=0",
+                  "++sweep.params={lora.r: [4, 8], train.learning_rate: [1e-3]}",
+                  f"cluster.address={cluster.address}",
+                  "cluster.storage=s3://sweeps/team", "data.path=s3://sweeps/data/train.jsonl",
+                  env={**_ray_env(cluster), **s3.env})
+        try:
+            assert cli.finish(timeout=300) == 0, cli.output()
+        finally:
+            cli.cleanup()
+        shared = bucket.glob("sweeps/team/data/*/meta.json")
+    out = cli.output(tail=None)
+    assert len({node for _, node in STARTED.findall(out)}) == 2, out  # a pack on each node
+    fetched = list(nodes_cache.glob("data/*/fetched"))
+    assert len(shared) == 1 and len(fetched) == 1 and fetched[0].parent.name in shared[0]
+    assert not (nodes_cache / "data" / "records").exists()  # no node read the source
+    summary = summary_of(tmp_path)
+    assert {r["status"] for r in summary["trials"]} == {"finished"}

@@ -377,16 +377,15 @@ def test_kill_9_of_the_driver_then_resume_runs_only_what_was_left(reference, tmp
 
 @pytest.mark.slow
 def test_ctrl_c_ends_the_runs_killed_and_prints_the_command_that_resumes(tmp_path):
-    cli = Cli(tmp_path, "pack.max_adapters=4", "cluster.num_workers=1")
+    # Long enough to be still training when the second driver below has started and asked.
+    extra = ("pack.max_adapters=4", "cluster.num_workers=1", "train.max_steps=400")
+    cli = Cli(tmp_path, *extra)
     try:
         cli.wait_for(checkpointed(tmp_path))
-        # While it trains, every socket its Ray listens on is on loopback (nothing a network
-        # reaches: an open Ray runs anyone's jobs).
-        listening = _listening(cli.family.values())
         # A second driver may not take a sweep whose driver lives (the lease on its parent run).
         second = subprocess.run(
-            [sys.executable, "-m", "orchestrator", *OVERRIDES, "pack.max_adapters=4",
-             "cluster.num_workers=1", "resume=true"], cwd=tmp_path, capture_output=True,
+            [sys.executable, "-m", "orchestrator", *OVERRIDES, *extra, "resume=true"],
+            cwd=tmp_path, capture_output=True,
             text=True, timeout=120, env={**{k: v for k, v in os.environ.items()
                                             if not k.startswith("RAY_")}, "PYTHONPATH": str(REPO)})
         cli.proc.send_signal(signal.SIGINT)
@@ -395,16 +394,13 @@ def test_ctrl_c_ends_the_runs_killed_and_prints_the_command_that_resumes(tmp_pat
         cli.cleanup()
     out = cli.output()
     command = " ".join(["python -m orchestrator", *OVERRIDES[:2], f"'{OVERRIDES[2]}'",
-                        *OVERRIDES[3:], "pack.max_adapters=4", "cluster.num_workers=1",
-                        "resume=true"])
+                        *OVERRIDES[3:], *extra, "resume=true"])
     assert command in out, out
     assert "Traceback" not in out, out
     assert second.returncode == 2, second.stdout + second.stderr
     assert re.search(rf"^error: resume: sweep '{SWEEP}' \(parent run \w+\) is running \(driver "
                      rf"on {re.escape(socket.gethostname())}, last seen \d+ s ago\)",
                      second.stderr, re.M), second.stderr
-    assert {name for name, _ in listening} >= {"gcs_server", "raylet"}, listening
-    assert all(ip in ("127.0.0.1", "::1") for _, ip in listening), listening
     ledger = ledger_of(f"sqlite:///{tmp_path}/mlflow.db")
     assert [p.info.status for p in ledger.parents] == ["KILLED"]
     assert {runs[0].info.status for runs in ledger.runs.values()} == {"KILLED"}
@@ -412,18 +408,3 @@ def test_ctrl_c_ends_the_runs_killed_and_prints_the_command_that_resumes(tmp_pat
     # The checkpoints a resume needs are on disk, under the parent run's own folder.
     parent_id = ledger.parents[0].info.run_id
     assert any((tmp_path / "outputs" / SWEEP / "checkpoints" / parent_id).glob("*/latest"))
-
-
-def _listening(processes) -> list[tuple[str, str]]:
-    """(process name, address) of every TCP socket these processes listen on."""
-    import psutil
-
-    out = []
-    for process in processes:
-        try:
-            for conn in process.net_connections(kind="inet"):
-                if conn.status == psutil.CONN_LISTEN:
-                    out.append((process.name(), conn.laddr.ip))
-        except psutil.Error:  # ended meanwhile
-            pass
-    return out
