@@ -196,7 +196,10 @@ def _build(spec: DataSpec, tokenizer, src: Source, esrc: Source | None, data_has
 
 def _build_into(spec: DataSpec, tokenizer, src: Source, esrc: Source | None, data_hash: str,
                 tmp: Path) -> dict:
-    records, info = named(src.ref, lambda: read_source(src, spec.format, spec.skip_invalid))
+    import datasets
+
+    path, info = named(src.ref, lambda: read_source(src, spec.format, spec.skip_invalid))
+    records = datasets.Dataset.from_file(str(path))
     fmt, skipped = info["format"], info["skipped"]
     tokens = tokenize_all(records, fmt, tokenizer, spec, tmp / "tokens.arrow")
     n = len(tokens)
@@ -208,7 +211,8 @@ def _build_into(spec: DataSpec, tokenizer, src: Source, esrc: Source | None, dat
         in_train[eval_order] = False
         e_cols, e_ref, e_files = cols, src, None
     else:
-        e_records, e_info = read_source(esrc, spec.format, spec.skip_invalid)
+        e_path, e_info = read_source(esrc, spec.format, spec.skip_invalid)
+        e_records = datasets.Dataset.from_file(str(e_path))
         e_fmt, e_skipped = e_info["format"], e_info["skipped"]
         e_tokens = tokenize_all(e_records, e_fmt, tokenizer, spec, tmp / "eval_tokens.arrow")
         e_cols, e_ref = flags(e_tokens), esrc

@@ -70,11 +70,10 @@ def validate_data_file(path: str, format: str = "auto", skip_invalid: bool = Fal
 
 
 def records(src: Source, format: str, skip_invalid: bool):
-    """(Dataset, info) of the source's valid records, written once per content, format and
-    `skip_invalid` to $QLORA_CACHE/data/records/<key>/ (an Arrow file and meta.json, written
+    """(the Arrow file, info) of the source's valid records, written once per content, format
+    and `skip_invalid` to $QLORA_CACHE/data/records/<key>/ (records.arrow and meta.json, written
     last): the preflight's check writes them, and every tokenization (any tokenizer, any
     seq_len) reads them instead of the source. info: {'rows', 'format', 'skipped'}."""
-    import datasets
     from filelock import FileLock
 
     key = stable_hash([_VERSION, named(src.ref, lambda: content_hash(src)), format,
@@ -88,8 +87,7 @@ def records(src: Source, format: str, skip_invalid: bool):
             fmt = scan(src, format, skip_invalid)["format"]
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
             try:
-                skipped = write_records(src, fmt, skip_invalid, tmp / "records.arrow")
-                n = datasets.Dataset.from_file(str(tmp / "records.arrow")).num_rows
+                n, skipped = write_records(src, fmt, skip_invalid, tmp / "records.arrow")
                 info = {"rows": n, "format": fmt, "skipped": skipped}
                 (tmp / "meta.json").write_text(json.dumps(info))
                 if folder.exists():
@@ -98,7 +96,7 @@ def records(src: Source, format: str, skip_invalid: bool):
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
-    return datasets.Dataset.from_file(str(folder / "records.arrow")), info
+    return folder / "records.arrow", info
 
 
 def scan(src: Source, fmt: str, skip_invalid: bool) -> dict:
@@ -174,8 +172,8 @@ FIELDS = {"alpaca": ("instruction", "input", "output"), "prompt_completion": ("p
 
 def write_records(src: Source, fmt: str, skip_invalid: bool, path: Path) -> int:
     """The source's valid records as an Arrow file (one string column per field, a chat's
-    messages as JSON text, and `loc`: the row's line or row number); returns how many rows were
-    skipped. Raises DataError as `validate_data_file` does."""
+    messages as JSON text, and `loc`: the row's line or row number); returns (rows written,
+    rows skipped). Raises DataError as `validate_data_file` does."""
     import pyarrow as pa
 
     names = FIELDS[fmt]
@@ -205,6 +203,6 @@ def write_records(src: Source, fmt: str, skip_invalid: bool, path: Path) -> int:
             flush(writer)
     if not n:
         raise DataError(f"{src.ref}: no valid rows ({skipped} skipped)")
-    return skipped
+    return n, skipped
 
 
