@@ -31,6 +31,7 @@ class _State:
 
     checked = False
     codes: list[int] = []
+    cluster = None  # the Ray start begun by the pre-check, for the first task to take
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if config.dry_run:
             print(_dry_run(config))
             sys.exit(0)
+        _State.cluster = _start_and_check_trials(config)
     _run_hydra(args)
     sys.exit(max(_State.codes, default=0))
 
@@ -57,6 +59,23 @@ def check(overrides: list[str]) -> Config:
     config = validate(compose(overrides))
     preflight(config)
     return config
+
+
+def _start_and_check_trials(config: Config):
+    """Start Ray in the background, and meanwhile what needs the model: each trial's target
+    modules, its data tokenized (`orchestrator.preflight.check_trials`). Returns the start."""
+    from orchestrator.cluster.background import abandon, start_connect
+    from orchestrator.preflight import check_trials
+
+    cluster = start_connect(config.cluster)
+    try:
+        check_trials(config)
+    except BaseException as e:
+        abandon(cluster)
+        if isinstance(e, ConfigError):
+            _fail(e)
+        raise
+    return cluster
 
 
 def _run_hydra(args: list[str]) -> None:
@@ -88,10 +107,10 @@ def _task(cfg: Any) -> int:
         print(_dry_run(config))
         _State.codes.append(0)
         return 0
-    # Ray starts now, in the background, while the sweep module's imports (MLflow, torch) load.
-    from orchestrator.cluster.background import start_connect
-
-    cluster = start_connect(config.cluster)
+    if _State.cluster is not None:  # begun by the pre-check, with the trials checked
+        cluster, _State.cluster = _State.cluster, None
+    else:  # Ray starts now, in the background, while the trials are checked
+        cluster = _start_and_check_trials(config)
     from orchestrator.sweep import run_sweep
 
     try:

@@ -3,8 +3,9 @@
 A sweep should fail in seconds, in one line, when a file is missing or a server is down, not
 after Ray has started and the first worker has loaded a model. Each check raises `ConfigError`
 naming the key whose value points at the problem; none of them creates a run or a cluster, the
-only files they write are `cluster.storage`'s probe (deleted at once) and the data caches under
-$QLORA_CACHE, and none imports Ray or MLflow (only the last, `check_trials`, imports torch).
+only files they write are `cluster.storage`'s probe (deleted at once) and the data's records
+under $QLORA_CACHE, and none imports Ray, MLflow or torch. `check_trials`, apart, needs the
+model's tokenizer and skeleton: the CLI runs it while Ray starts.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ def preflight(cfg: Config) -> None:
     check_model(cfg)
     check_positions(cfg)
     check_resume(cfg)
-    check_trials(cfg)
 
 
 def check_trials(cfg: Config) -> None:
-    """What only the model can say of each trial, last (it imports torch and datasets): its
+    """What only the model can say of each trial (not part of `preflight`: it imports torch and
+    datasets, so the CLI runs it while Ray starts in the background): its
     `lora.target_modules` select a linear of the model (its skeleton built on the meta device),
     and its data tokenizes with the model's tokenizer and keeps an example at its `seq_len` (the
     tokenized data is cached: the sweep then opens it)."""
