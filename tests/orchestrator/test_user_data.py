@@ -96,13 +96,21 @@ def test_skip_invalid_reports_the_count_before_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_mixture_records_each_source_share_and_eval_loss(tmp_path):
+def test_a_mixture_records_each_source_share_and_eval_loss(ray_session, tmp_path):
+    from orchestrator.config.compose import compose
+    from orchestrator.config.validate import validate
+    from orchestrator.preflight import preflight
+    from orchestrator.sweep import run_sweep
+
     alpaca, chat = write_alpaca(tmp_path / "sorting.jsonl"), write_chat(tmp_path / "reversing.jsonl")
-    done = _run(tmp_path, f"data.mix=[{{path: {alpaca}, weight: 3}}, {{path: {chat}}}]", *FAST)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    config = validate(compose([
+        f"data.mix=[{{path: {alpaca}, weight: 3}}, {{path: {chat}}}]", *FAST,
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"output_dir={tmp_path / 'outputs'}",
+        f"tracking.artifact_location={tmp_path / 'mlartifacts'}"]))
+    preflight(config)
+    assert run_sweep(config) == 0
     [row] = _summary(tmp_path, "single")["trials"]
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = MlflowClient().get_run(row["run_id"])
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(row["run_id"])
     tags, metrics = run.data.tags, run.data.metrics
     assert (tags["qlora.data.format"], tags["qlora.data.share_sorting"],
             tags["qlora.data.share_reversing"]) == ("mix", "0.75", "0.25")
