@@ -170,12 +170,13 @@ class Tokens:
     memory-mapped file, and an Example is built only when asked for."""
 
     def __init__(self, files: list[Path]) -> None:
-        import datasets
+        import pyarrow as pa
 
-        self._keep = [datasets.Dataset.from_file(str(f)) for f in files]  # holds the maps open
+        # The Arrow files `Dataset.map` wrote, mapped as `datasets` maps them (an IPC stream over
+        # a memory map: zero-copy), without importing `datasets` in every worker.
+        self._keep = [pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files]
         self.chunks, starts = [], [0]
-        for ds in self._keep:
-            table = ds.data.table
+        for table in self._keep:
             ids, masked, prompt = (table.column(c) for c in ("input_ids", "n_masked",
                                                              "prompt_len"))
             for i, chunk in enumerate(ids.chunks):
