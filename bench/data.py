@@ -14,7 +14,8 @@ processes:
     ready   what a second sweep does: the check and `load_data` again, in a new process, from
             the cache: wall time ("data ready")
     train   a training worker: load the base, open the data, train one adapter 20 steps (micro
-            batch 4): peak RSS, and RSS after the data is opened
+            batch 4): peak RSS, and what RSS (and RssAnon, its own memory without the pages of
+            mapped files) grew by when the data was opened
     legacy  the path before (bench/legacy_data.py: the whole file read, lists of ints, a JSON
             cache every worker reads back), first and reload, where it fits (--legacy-up-to)
 
@@ -79,9 +80,11 @@ def _peak_mib() -> float:
     return max(own, children) / 1024
 
 
-def _rss_mib() -> float:
+def _rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS), or its own part alone (RssAnon: without the pages
+    of mapped files, which the page cache shares between processes)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -112,19 +115,20 @@ def _step(kind: str, path: str, seq_len: int) -> dict:
         from qlora import BaseSpec, TrialSpec, load_base, train_pack
 
         base = load_base(BaseSpec(compute_dtype="float32"), device="cpu")
-        before = _rss_mib()
+        before, anon = _rss_mib(), _rss_mib("RssAnon")
         if kind == "train":
             from qlora.data import load_data
         else:
             from bench.legacy_data import load_data
         data = load_data(spec, tok)
-        opened = _rss_mib()
+        opened, opened_anon = _rss_mib(), _rss_mib("RssAnon")
         trial = TrialSpec(trial_id="bench", max_steps=20, micro_batch_size=4, eval_every=0,
                           data=spec)
         start = time.perf_counter()
         [result] = train_pack(base, [trial], datasets={spec: data})
         return {"wall_s": time.perf_counter() - start, "peak_MiB": _peak_mib(),
-                "data_MiB": opened - before, "status": str(result.status)}
+                "data_MiB": opened - before, "data_anon_MiB": opened_anon - anon,
+                "status": str(result.status)}
     raise ValueError(kind)
 
 
@@ -166,7 +170,7 @@ def measure(n: int, runs: int, legacy_up_to: int, seq_len: int, scratch: Path) -
         finally:
             shutil.rmtree(cache, ignore_errors=True)
     for kind, results in got.items():
-        for field in ("wall_s", "peak_MiB", "data_MiB"):
+        for field in ("wall_s", "peak_MiB", "data_MiB", "data_anon_MiB"):
             if field in results[0]:
                 row[f"{kind}_{field}"] = _stats([r[field] for r in results])
     row["n_train"] = got["first"][0]["n_train"]
@@ -185,7 +189,8 @@ def _show(row: dict) -> None:
           f"    first   {fig('first_wall_s', 's')}, peak {fig('first_peak_MiB', ' MiB')}\n"
           f"    ready   {fig('ready_wall_s', 's')}\n"
           f"    train   peak {fig('train_peak_MiB', ' MiB')}, data opened "
-          f"{fig('train_data_MiB', ' MiB')}\n"
+          f"{fig('train_data_MiB', ' MiB')} (its own memory: "
+          f"{fig('train_data_anon_MiB', ' MiB')})\n"
           f"    legacy  first {fig('legacy_first_wall_s', 's')} peak "
           f"{fig('legacy_first_peak_MiB', ' MiB')}; reload {fig('legacy_reload_wall_s', 's')} "
           f"peak {fig('legacy_reload_peak_MiB', ' MiB')}; train peak "
