@@ -33,15 +33,13 @@ import hashlib
 import heapq
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .cachedir import new_folder
 from .config import DataSpec, stable_hash
 from .formats import DataError, detect_format, render
 from .packing import pack_bins
@@ -181,17 +179,9 @@ def _eval_indices(n: int, eval_fraction: float, data_hash: str) -> list[int]:
 def _build(spec: DataSpec, tokenizer, src: Source, esrc: Source | None, data_hash: str,
            folder: Path) -> None:
     """Tokenize into a new folder beside `folder`, then move it into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with new_folder(folder) as tmp:
         meta = _build_into(spec, tokenizer, src, esrc, data_hash, tmp)
         (tmp / "meta.json").write_text(json.dumps(meta))
-        if folder.exists():  # an unfinished folder (no meta.json) from a killed build
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _build_into(spec: DataSpec, tokenizer, src: Source, esrc: Source | None, data_hash: str,

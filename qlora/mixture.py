@@ -12,6 +12,7 @@ never on its pack. Each source has its own deterministic eval split, and a trial
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
@@ -19,6 +20,7 @@ from dataclasses import replace
 import torch
 
 from .config import DataSpec, MixSource, stable_hash
+from .tokens import ReadOnly
 
 __all__ = ["parts_of", "mixture", "Concat", "MixStream", "stream_for"]
 
@@ -30,7 +32,7 @@ def parts_of(spec: DataSpec) -> list[tuple[MixSource, DataSpec]]:
             for m in spec.mix]
 
 
-class Concat(Sequence):
+class Concat(ReadOnly):
     """Sequences one after the other, read in place."""
 
     def __init__(self, parts: list[Sequence]) -> None:
@@ -46,23 +48,9 @@ class Concat(Sequence):
     def parts(self) -> list[Sequence]:
         return list(self._parts)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        for p, (a, b) in enumerate(zip(self._starts, self._starts[1:], strict=False)):
-            if i < b:
-                return self._parts[p][i - a]
-        raise IndexError(i)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Sequence) and len(self) == len(other) and all(
-            a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None
+    def _item(self, i: int):
+        p = bisect.bisect_right(self._starts, i) - 1
+        return self._parts[p][i - self._starts[p]]
 
 
 def mixture(spec: DataSpec, loaded: list):

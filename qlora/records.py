@@ -9,11 +9,9 @@ the valid records to an Arrow file, one string column per field of the format, f
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from .cachedir import new_folder
 from .config import DataSpec, stable_hash
 from .formats import FORMATS, DataError, detect_format, normalize, required_columns
 from .sources import Source, content_hash, masked, resolve, rows
@@ -85,17 +83,10 @@ def records(src: Source, format: str, skip_invalid: bool):
             info = json.loads((folder / "meta.json").read_text())
         except (OSError, ValueError):
             fmt = scan(src, format, skip_invalid)["format"]
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
-            try:
+            with new_folder(folder) as tmp:
                 n, skipped = write_records(src, fmt, skip_invalid, tmp / "records.arrow")
                 info = {"rows": n, "format": fmt, "skipped": skipped}
                 (tmp / "meta.json").write_text(json.dumps(info))
-                if folder.exists():
-                    shutil.rmtree(folder)
-                os.rename(tmp, folder)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
     return folder / "records.arrow", info
 
 

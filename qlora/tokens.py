@@ -194,7 +194,30 @@ class Tokens:
         return Example(ids, [IGNORE] * n + ids[n:], prompt_len=int(prompt[k]))
 
 
-class Examples(Sequence):
+class ReadOnly(Sequence):
+    """A sequence built item by item (`_item(i)`, 0 <= i < len): slices give lists, negative
+    indices count from the end, and it equals any sequence of equal items."""
+
+    def _item(self, i: int):
+        raise NotImplementedError
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._item(i)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(
+            a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None
+
+
+class Examples(ReadOnly):
     """A read-only sequence of Examples over tokenized Arrow rows (`rows`: their row numbers, in
     order); with `packs` (members, offsets), item i is the packed row of members
     [offsets[i], offsets[i + 1]) (see `qlora.packing`)."""
@@ -206,13 +229,7 @@ class Examples(Sequence):
     def __len__(self) -> int:
         return len(self._rows) if self._packs is None else len(self._packs[1]) - 1
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def _item(self, i: int) -> Example:
         if self._packs is None:
             return self._tokens.example(int(self._rows[i]))
         members, offsets = self._packs
@@ -225,13 +242,6 @@ class Examples(Sequence):
             labels += [IGNORE] + ex.labels[1:]
             positions += range(len(ex.input_ids))
         return Example(ids, labels, positions)
-
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, Sequence) or len(self) != len(other):
-            return False
-        return all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None
 
     def __repr__(self) -> str:
         return f"Examples({len(self)} rows)"

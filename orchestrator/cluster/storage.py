@@ -131,12 +131,10 @@ def fetch_data(storage: str, key: str, folder: Path) -> bool:
     """Download `<storage>/data/<key>/` into `folder` (a new folder, renamed into place when
     complete; a file lock keeps the workers of one node to one download). Returns False when the
     storage has no such complete folder."""
-    import os
-    import shutil
-    import tempfile
-
     from filelock import FileLock
     from fsspec.core import url_to_fs
+
+    from qlora.cachedir import new_folder
 
     fs, path = url_to_fs(join(storage, "data", key))
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -145,16 +143,9 @@ def fetch_data(storage: str, key: str, folder: Path) -> bool:
             return True
         if not fs.exists(f"{path}/meta.json"):
             return False
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
-        try:
+        with new_folder(folder) as tmp:
             names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(path, detail=False))
             for name in [*(n for n in names if n != "meta.json"), "meta.json"]:
                 fs.get_file(f"{path}/{name}", str(tmp / name))
             (tmp / "fetched").write_text(storage)  # where it came from: never tokenized here
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.rename(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return True
