@@ -154,7 +154,8 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
                                 storage_root=storage.root(config.cluster.storage), data=data,
                                 checkpoint_every=config.train.checkpoint_every,
                                 max_retries=config.cluster.max_retries,
-                                lost_timeout_s=config.cluster.lost_timeout_s)
+                                lost_timeout_s=config.cluster.lost_timeout_s,
+                                hang_timeout_s=config.cluster.hang_timeout_s)
                     rows = with_finished(rows, trials, finished_runs, run_dir)
                     done = {r["trial_id"] for r in rows}
                     failed = [r["trial_id"] for r in rows if not TrialStatus(r["status"]).succeeded]
@@ -317,8 +318,8 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
          **faults) -> list[dict]:
     """Dispatch the packs and record every trial as its pack ends; returns the summary rows.
 
-    `faults` are `dispatch`'s checkpoint_dir, checkpoint_every, max_retries, lost_timeout_s and
-    data (the driver's tokenized data, `orchestrator.cluster.datashare`).
+    `faults` are `dispatch`'s checkpoint_dir, checkpoint_every, max_retries, lost_timeout_s,
+    hang_timeout_s and data (the driver's tokenized data, `orchestrator.cluster.datashare`).
     The `search` may stop trials early, backfill slots, exploit and add trials as the sweep goes.
     With a `storage_root`, each adapter is also copied there (orchestrator.cluster.storage).
     """

@@ -11,6 +11,7 @@ Layout, under `<root>/<trial_id>/`:
     step-000040/optimizer.safetensors   optimizer tensors, keyed "<param index>/<name>"
     step-000040/state.json              counters, data position, histories, optimizer scalars
     latest                              the name of the newest complete step folder
+    owner                               the attempt that may write (`claim`, `holds`)
 
 On a local disk a step folder is written under a temporary name, its files and folder synced
 to disk (fsync), and renamed; then `latest` is replaced the same way, so a kill or a power loss
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 
 FILES = ("adapter.safetensors", "optimizer.safetensors", "state.json")
+OWNER = "owner"
 
 
 def _step_name(step: int) -> str:
@@ -83,6 +85,35 @@ def save(root: str | Path, trial_id: str, adapter: dict[str, torch.Tensor],
     for half in folder.glob(".step-*"):  # what a write killed before its rename left behind
         shutil.rmtree(half, ignore_errors=True)
     return final
+
+
+def claim(root: str | Path, trial_id: str, token: str) -> None:
+    """Make `token` (one attempt at the trial, on some worker) the only one that may write its
+    checkpoints from now on: an attempt sent again after its worker was lost or partitioned
+    claims the trial, and the earlier one, if it comes back, sees that it lost it (`holds`)."""
+    if is_uri(root):
+        fs, base = _fs(str(root))
+        fs.pipe_file(f"{base}/{trial_id}/{OWNER}", token.encode())
+        return
+    folder = trial_dir(root, trial_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    pointer = folder / f".{OWNER}.{os.getpid()}.tmp"
+    _write_synced(pointer, token.encode())
+    os.replace(pointer, folder / OWNER)
+
+
+def holds(root: str | Path, trial_id: str, token: str) -> bool:
+    """True while `token`'s claim on the trial stands (no later attempt claimed it)."""
+    try:
+        if is_uri(root):
+            fs, base = _fs(str(root))
+            fs.invalidate_cache(f"{base}/{trial_id}")
+            owner = fs.cat_file(f"{base}/{trial_id}/{OWNER}").decode()
+        else:
+            owner = (trial_dir(root, trial_id) / OWNER).read_text()
+    except FileNotFoundError:
+        return True  # never claimed: written by a caller that does not fence
+    return owner == token
 
 
 def _write_synced(path: Path, data: bytes) -> None:

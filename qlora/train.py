@@ -90,6 +90,7 @@ def train_pack(
     datasets: dict[DataSpec, object] | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
+    owner: str | None = None,
 ) -> list[TrialResult]:
     """Train `trials` together on `base`; return one TrialResult per trial, in the order they ended.
 
@@ -103,6 +104,11 @@ def train_pack(
     With `checkpoint_dir`, each trial is checkpointed every `checkpoint_every` steps (0: only when
     it ends) under `<checkpoint_dir>/<trial_id>/`, and a trial that has a checkpoint there continues
     from it: the steps after the checkpoint reproduce the uninterrupted run.
+
+    `owner` names this attempt at the trials (a worker's token): each trial is claimed for it as
+    its slot opens (`checkpoint.claim`), and a checkpoint is written only while the claim stands.
+    A trial claimed since by a later attempt (sent again after this worker was taken for lost)
+    ends FAILED, "fenced", writing nothing more.
     """
     if len({t.trial_id for t in trials}) != len(trials):
         raise ValueError("trial ids in a pack must be distinct")
@@ -112,7 +118,7 @@ def train_pack(
     results: list[TrialResult] = []
     try:
         for spec in trials:
-            slots.append(_open_slot(base, spec, data_cache, checkpoint_dir))
+            slots.append(_open_slot(base, spec, data_cache, checkpoint_dir, owner))
         if exploit is not None and checkpoint_dir is not None:  # PBT: a pack's rounds, one step
             given = {t.trial_id: t for t in trials}
             slots = align(slots, lambda s, step: _reopen(base, given[s.spec.trial_id], s,
@@ -127,7 +133,7 @@ def train_pack(
                 if spec is None:
                     next_trial = None
                 else:
-                    slots.append(_open_slot(base, spec, data_cache, checkpoint_dir))
+                    slots.append(_open_slot(base, spec, data_cache, checkpoint_dir, owner))
                 continue  # close it at once if it was restored ended; ask again if room is left
             if not active:
                 break
@@ -139,7 +145,7 @@ def train_pack(
                     exploit_round(base, slots, due, exploit, on_metrics)
             if checkpoint_dir is not None:
                 for slot in active:
-                    _maybe_checkpoint(base, slot, checkpoint_dir, checkpoint_every)
+                    _maybe_checkpoint(base, slot, checkpoint_dir, checkpoint_every, owner)
     finally:
         for slot in slots:
             remove(base, slot.key)
@@ -148,7 +154,8 @@ def train_pack(
 
 # -- slots -------------------------------------------------------------------------------------
 
-def _open_slot(base: Base, spec: TrialSpec, data_cache: dict, checkpoint_dir=None) -> _Slot:
+def _open_slot(base: Base, spec: TrialSpec, data_cache: dict, checkpoint_dir=None,
+               owner: str | None = None) -> _Slot:
     if spec.data not in data_cache:
         from .data import load_data
 
@@ -161,6 +168,8 @@ def _open_slot(base: Base, spec: TrialSpec, data_cache: dict, checkpoint_dir=Non
         spec=spec, key=key, params=params, optimizer=build_optimizer(params, spec),
         stream=stream_for(data, spec.micro_batch_size, spec.seed), data=data,
     )
+    if checkpoint_dir and owner:
+        checkpoint.claim(checkpoint_dir, spec.trial_id, owner)
     saved = checkpoint.load(checkpoint_dir, spec.trial_id) if checkpoint_dir else None
     if saved is not None:
         _restore(base, slot, *saved)
@@ -198,7 +207,7 @@ def _restore(base: Base, slot: _Slot, adapter: dict, optimizer_state: dict, stat
         _end(slot, TrialStatus(state["status"]), state.get("reason"))
 
 
-def _maybe_checkpoint(base: Base, slot: _Slot, root, every: int) -> None:
+def _maybe_checkpoint(base: Base, slot: _Slot, root, every: int, owner: str | None) -> None:
     """Checkpoint after a step's evaluations, every `every` steps and when the trial ends."""
     if slot.step == slot.saved_step and not slot.done:
         return
@@ -211,6 +220,10 @@ def _maybe_checkpoint(base: Base, slot: _Slot, root, every: int) -> None:
              "samples": slot.samples, "overrides": slot.overrides, "exploits": slot.exploits}
     if ended_well:
         state.update(status=slot.result.status, reason=slot.result.reason)
+    if owner and not checkpoint.holds(root, slot.spec.trial_id, owner):
+        _end(slot, TrialStatus.FAILED, "fenced: a later attempt at this trial (sent again after "
+                                       "this worker was taken for lost) holds its checkpoints")
+        return
     checkpoint.save(root, slot.spec.trial_id, adapter_state(base, slot.key), slot.optimizer, state)
     slot.saved_step = slot.step
 

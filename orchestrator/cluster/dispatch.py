@@ -9,7 +9,10 @@ Workers and the cluster. A worker is sent packs only once Ray has placed it and 
 (`PackWorker.placement`); a replacement that no node can host yet (its node died, the cluster
 is smaller than asked, an autoscaler is still growing) holds no work, and the console is told
 what it waits for and since when (`WorkersWaiting`). When no worker at all is placed while
-packs wait, for `lost_timeout_s`, the cluster is taken as gone: `SweepLost` (exit 3).
+packs wait, for `lost_timeout_s`, the cluster is taken as gone: `SweepLost` (exit 3). A
+running pack that reports nothing for `hang_timeout_s` has its worker killed and its trials sent
+again (`WorkerHung`); from then on, and after any loss, what that pack still streams is dropped:
+only the attempt now running a trial is recorded.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from orchestrator.cluster.events import (
     WorkersWaiting,
     first_line,
 )
-from orchestrator.cluster.faults import after_lost_worker, after_oom, lost_pack
+from orchestrator.cluster.faults import WorkerHung, after_lost_worker, after_oom, lost_pack
 from orchestrator.cluster.lost import SweepLost
 from orchestrator.cluster.pack import Pack
 from orchestrator.cluster.worker import PackWorker
@@ -64,7 +67,8 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
              checkpoint_dir: str | None = None, checkpoint_every: int = 0,
              max_retries: int = 0, hooks=None, data=None,
              refill: Callable[[], list[Pack]] | None = None,
-             lost_timeout_s: float = LOST_TIMEOUT_S) -> Iterator[list[Event]]:
+             lost_timeout_s: float = LOST_TIMEOUT_S,
+             hang_timeout_s: float | None = None) -> Iterator[list[Event]]:
     """Run `packs` on up to `plan.num_workers` workers; yield the events of each poll interval.
 
     Packs start in the order given as placed workers free up; packs sent again after a fault go
@@ -92,6 +96,7 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
     stalled_since: float | None = None  # since when packs wait and no worker is placed
     noticed = (0.0, 0)  # when waiting workers were last reported, and how many
     start_error = ""  # why the last worker that died before it was placed died
+    heard: dict[str, float] = {}  # running pack id -> when it last reported (or was sent)
     try:
         while True:
             if refill is not None and idle and not todo:
@@ -104,15 +109,36 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
                     pack.pack_id, pack.base, [t.spec for t in pack.trials], checkpoint_dir,
                     checkpoint_every, hooks, data)
                 running[ref] = (slot, pack)
+                heard[pack.pack_id] = time.time()
             placing = {s.placing: i for i, s in enumerate(slots) if s.placing is not None}
             ready, _ = ray.wait([*running, *placing], num_returns=1, timeout=poll_s)
             if ready:
                 ready, _ = ray.wait([*running, *placing],
                                     num_returns=len(running) + len(placing), timeout=0)
             # Drain after waiting: whatever a finished pack streamed is already in the queue.
-            events: list[Event] = _drain(queue)
+            # What a pack no longer running streams (its worker was taken for lost) is dropped.
+            events: list[Event] = [ev for ev in _drain(queue)
+                                   if getattr(ev, "pack_id", None) in heard or
+                                   not hasattr(ev, "pack_id")]
+            now = time.time()
+            heard.update((ev.pack_id, now) for ev in events if hasattr(ev, "pack_id"))
+            if hang_timeout_s is not None:
+                hung = [ref for ref, (_, p) in running.items()
+                        if ref not in ready and now - heard[p.pack_id] >= hang_timeout_s]
+                for ref in hung:
+                    slot, pack = running.pop(ref)
+                    silent = now - heard.pop(pack.pack_id)
+                    _replace(slots, slot, plan, queue)  # kills it (ray.kill) and asks for another
+                    error = WorkerHung(f"{pack.pack_id} reported nothing for {silent:.0f} s "
+                                       "(cluster.hang_timeout_s)")
+                    outcome, again = after_lost_worker(pack, error, streamed, restarts,
+                                                       max_retries)
+                    events.extend([outcome, *(retried for _, retried in again)])
+                    todo.extendleft(reversed([p for p, _ in again]))
             streamed.update((ev.trial_id, ev) for ev in events if isinstance(ev, TrialEnded))
             for ref in ready:
+                if ref not in running and ref not in placing:  # taken for hung just now
+                    continue
                 if ref in placing:
                     i = placing[ref]
                     try:
@@ -126,6 +152,7 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
                         idle.append(i)
                     continue
                 slot, pack = running.pop(ref)
+                heard.pop(pack.pack_id, None)
                 again: list[tuple[Pack, PackRetried]] = []
                 try:
                     outcome = ray.get(ref)

@@ -8,6 +8,10 @@ returns its result at once, without training.
   pack's trials that have no final result go again, as a new pack, up to `max_retries` times each
   (`PackRetried`, cause "worker_lost"); then they fail with the reason. A trial whose end
   (diverged) was streamed before the loss keeps that end.
+- A hung worker (its pack reported nothing for `cluster.hang_timeout_s`: a stuck collective, a
+  driver deadlock, a node cut off from the head) is killed, and its pack handled as a lost
+  worker's (`WorkerHung`). If it comes back, its trials' checkpoints are no longer its own
+  (`qlora.checkpoint.claim`) and the driver takes nothing more from its pack.
 - Out of device memory (`torch.OutOfMemoryError`): the driver halves the pack and sends both
   halves again (`PackRetried`, cause "oom"). A trial alone that still does not fit fails, saying
   what to lower.
@@ -28,6 +32,11 @@ from orchestrator.cluster.events import (
 )
 from orchestrator.cluster.pack import Pack
 from qlora.config import TrialStatus
+
+
+class WorkerHung(Exception):
+    """A placed worker whose pack reported nothing for `cluster.hang_timeout_s`: killed, and its
+    pack's trials handled as after any lost worker."""
 
 
 def after_lost_worker(pack: Pack, error: BaseException, streamed: dict[str, TrialEnded],

@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 import ray
 from ray.util.queue import Queue
@@ -175,7 +176,8 @@ class PackWorker:
                        on_trial_end=on_trial_end,
                        next_trial=hooks.next_trial if hooks is not None else None,
                        exploit=hooks.exploit if hooks is not None else None,
-                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                       owner=f"{placement.hostname}:{placement.pid}:{pack_id}:{uuid.uuid4().hex}")
         except torch.OutOfMemoryError as e:
             # Splitting helps only if the base itself fitted; the frozen base is still sound.
             oom = base is not None

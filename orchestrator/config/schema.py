@@ -235,6 +235,11 @@ class ClusterCfg:
         120.0, "seconds with packs waiting and no worker placed (the cluster died, its address "
                "stopped answering) before the sweep stops: runs KILLED, exit 3, resumable",
         Rule("a number of seconds > 0", lambda v: v > 0))
+    hang_timeout_s: float | None = setting(
+        1800.0, "seconds a pack may report nothing (no step, no evaluation; its base's load "
+                "counts) before its worker is taken as hung: killed, its trials sent again from "
+                "their checkpoints (cluster.max_retries); null = never",
+        Rule("a number of seconds > 0, or null", lambda v: v is None or v > 0))
 
 
 @dataclass

@@ -103,3 +103,27 @@ def test_a_corrupt_latest_falls_back_to_the_checkpoint_before_it(tmp_path):
     assert state["step"] == 2 and torch.equal(adapter["w"], torch.full((3,), 2.0))
     (tmp_path / "t" / "step-000002" / "state.json").write_text("{")  # and that one too
     assert ckpt.load(tmp_path, "t") is None  # nothing readable: the trial starts afresh
+
+
+def test_an_attempt_that_lost_its_claim_writes_no_checkpoint(data, tmp_path):
+    """A worker taken for lost (partitioned, hung) may come back and go on training while its
+    trial runs again elsewhere: once the later attempt claims the trial, the earlier one writes
+    nothing more, so the finished checkpoint stays the later attempt's."""
+    trial = _pair()[0]
+    reference = train_pack(make_base(False), [trial], datasets=data)[0]
+    later = []
+
+    def sent_again_at_step_3(trial_id, step, metrics):
+        if step == 3 and not later:  # the driver gave up on this worker: another one resumes it
+            later.extend(train_pack(make_base(False), [trial], datasets=data,
+                                    checkpoint_dir=tmp_path, checkpoint_every=2, owner="B"))
+
+    [stale] = train_pack(make_base(False), [trial], datasets=data, on_metrics=sent_again_at_step_3,
+                         checkpoint_dir=tmp_path, checkpoint_every=2, owner="A")
+    [again] = later
+    assert again.status == "finished" and again.eval_loss == pytest.approx(reference.eval_loss)
+    assert stale.status == "failed" and stale.reason.startswith("fenced: ") and stale.steps == 4
+    folder = tmp_path / trial.trial_id
+    assert (folder / "latest").read_text() == "step-000012"  # not the stale attempt's step 4
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-000010", "step-000012"]
+    assert ckpt.load(tmp_path, trial.trial_id)[2]["status"] == "finished"

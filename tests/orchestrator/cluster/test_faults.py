@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -87,16 +88,19 @@ def _config(root: Path, name: str, params: dict, *, max_adapters: int, num_worke
 
 def test_fault_settings_validate_and_leave_the_trial_id_alone(tmp_path):
     config = validate({"train": {"checkpoint_every": 5, "inject_oom_at_step": 3},
-                       "cluster": {"checkpoint_dir": "/shared/ckpt", "max_retries": 1}})
+                       "cluster": {"checkpoint_dir": "/shared/ckpt", "max_retries": 1,
+                                   "hang_timeout_s": None}})
     assert (config.train.checkpoint_every, config.train.inject_oom_at_step) == (5, 3)
     assert config.cluster.checkpoint_dir == "/shared/ckpt"
     assert validate({}).train.checkpoint_every == 20 and validate({}).cluster.checkpoint_dir is None
+    assert config.cluster.hang_timeout_s is None and validate({}).cluster.hang_timeout_s == 1800
     assert trial_id(config) == trial_id(validate({}))
     [trial] = expand(config)
     assert trial.spec.inject_oom_at_step == 3  # reaches the engine
     for bad, key in [({"train": {"checkpoint_every": -1}}, "train.checkpoint_every"),
                      ({"train": {"inject_oom_at_step": 0}}, "train.inject_oom_at_step"),
                      ({"cluster": {"checkpoint_dir": " "}}, "cluster.checkpoint_dir"),
+                     ({"cluster": {"hang_timeout_s": 0}}, "cluster.hang_timeout_s"),
                      ({"sweep": {"params": {"train.checkpoint_every": [1, 2]}}},
                       "sweep.params.train.checkpoint_every")]:
         with pytest.raises(ConfigError) as info:
@@ -326,6 +330,49 @@ def test_out_of_memory_splits_the_pack_and_every_trial_still_matches_alone(alone
     assert splits == [1, 2, 2]
     assert all(r.info.status == "FINISHED" for r in good.values())
     _matches_alone(split, alone[1], good)
+
+
+def test_a_hung_worker_is_killed_and_its_pack_runs_again_with_the_same_numbers(
+        reference, tmp_path, capsys):
+    """A worker that Ray placed but that stops (SIGSTOP: no step, no answer) is killed after
+    `cluster.hang_timeout_s` and its pack runs again on a new worker, each trial's numbers
+    those of the sweep without faults, every metric point once."""
+    import threading
+
+    import psutil
+
+    from orchestrator.config.compose import compose
+    from orchestrator.sweep import run_sweep
+
+    config = validate(compose([*OVERRIDES, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                               f"tracking.artifact_location={tmp_path}/mlartifacts",
+                               f"output_dir={tmp_path}/outputs", "pack.max_adapters=2",
+                               "cluster.num_workers=2", "cluster.hang_timeout_s=6"]))
+    stopped: list = []
+
+    def stop_the_first_pack_to_start() -> None:
+        while not stopped:
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    if child.cmdline()[0].startswith("ray::PackWorker.run_pack"):
+                        child.suspend()  # SIGSTOP
+                        stopped.append(child)
+                        return
+                except (psutil.Error, IndexError):
+                    pass
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=stop_the_first_pack_to_start, daemon=True)
+    watcher.start()
+    assert run_sweep(config) == 0
+    watcher.join(1)
+    gone, _ = psutil.wait_procs(stopped, timeout=30)
+    assert stopped and gone == stopped  # killed, not left stopped
+    ledger = ledger_of(config.tracking.uri)
+    matches_reference(ledger, reference)
+    restarts = sorted(int(r[0].data.tags.get(RESTARTS_TAG, 0)) for r in ledger.runs.values())
+    assert restarts == [0, 0, 1, 1]
+    assert "WorkerHung" in capsys.readouterr().out
 
 
 # -- the CLI as a user runs it: kill -9 and Ctrl-C ----------------------------------------------------
