@@ -32,8 +32,11 @@ SERVER_REQUEST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
                       # "View run at ..." after every run ended: the console says where, once
                       "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
-_UNANSWERED = re.compile(r"failed with exception|error code 50[234]|Connection refused|"
-                         r"Max retries exceeded|Read timed out|RemoteDisconnected", re.I)
+#: No answer, or an answer that says the server cannot serve now: a 5xx (its store is down,
+#: a gateway in front of it has no backend), once MLflow's own retry of it gave up.
+_UNANSWERED = re.compile(r"failed with exception|error code 5\d\d|too many 5\d\d error responses|"
+                         r"Connection refused|Max retries exceeded|Read timed out|"
+                         r"RemoteDisconnected", re.I)
 RETRY_S = 2.0  # between tries while the server does not answer
 
 
