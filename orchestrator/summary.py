@@ -18,6 +18,7 @@ from orchestrator.cluster.events import (
     PackOutcome,
     Placement,
 )
+from orchestrator.cluster.lost import SweepLost
 from orchestrator.config.schema import Config
 from orchestrator.search.trials import Trial
 from orchestrator.tracking.keys import (
@@ -52,13 +53,23 @@ def record_trial(trial: Trial, result: TrialResult, outcome: PackOutcome, tracke
     """
     adapter_dir = stored_at = None
     if result.adapter:
-        # The local copy is promised to users; MLflow gets the same files from it.
-        adapter_dir = write_adapter(result.adapter, folder / "adapter")
-        if storage_root is not None:
-            from orchestrator.cluster.storage import copy_adapter
+        from qlora.checkpoint import StorageUnavailable, patiently
 
-            stored_at = copy_adapter(adapter_dir, storage_root, tracker.parent_run_id,
-                                     folder.name)
+        # The local copy is promised to users; MLflow gets the same files from it. A full disk
+        # or a bucket that stops answering is tried again, then stops the sweep resumable.
+        key = "output_dir"
+        try:
+            adapter_dir = patiently(f"adapter of {trial.name} to {folder}", write_adapter,
+                                    result.adapter, folder / "adapter")
+            if storage_root is not None:
+                from orchestrator.cluster.storage import copy_adapter
+
+                key = "cluster.storage"
+                stored_at = patiently(f"copy of {trial.name}'s adapter to {storage_root}",
+                                      copy_adapter, adapter_dir, storage_root,
+                                      tracker.parent_run_id, folder.name)
+        except StorageUnavailable as e:
+            raise SweepLost(key, str(e)) from e
     placement: Placement | None = outcome.placement
     tags = {PACK_TAG: outcome.pack_id}
     if outcome.memory_estimate is not None:

@@ -329,7 +329,8 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
     announced: set[str] = set()  # trials whose end the console has shown
     rows: dict[str, dict] = {}
     options = search.dispatch_options()
-    with contextlib.closing(dispatch(packs, workers, **faults, **options)) as batches:
+    with contextlib.closing(dispatch(packs, workers, **faults, **options)) as batches, \
+            checkpoint.patience(faults.get("lost_timeout_s")):  # the driver's writes of adapters
         for events in batches:
             new_trials, new_packs = search.take_new()  # known before their events
             for trial in new_trials:

@@ -13,6 +13,11 @@ Layout, under `<root>/<trial_id>/`:
     latest                              the name of the newest complete step folder
     owner                               the attempt that may write (`claim`, `holds`)
 
+A storage call that fails for a reason that may pass (a full disk, a bucket that stops
+answering: `OSError`, the S3 clients' own errors) is tried again with backoff for `patience`
+seconds (the worker sets `cluster.lost_timeout_s`), then raises `StorageUnavailable`: the sweep
+stops resumable rather than fail its trials. A missing file is an answer, never retried.
+
 On a local disk a step folder is written under a temporary name, its files and folder synced
 to disk (fsync), and renamed; then `latest` is replaced the same way, so a kill or a power loss
 at any moment leaves the previous checkpoint intact and pointed to. `root` may instead be a URI
@@ -22,11 +27,14 @@ at any moment leaves the previous checkpoint intact and pointed to. `root` may i
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +47,57 @@ log = logging.getLogger(__name__)
 
 FILES = ("adapter.safetensors", "optimizer.safetensors", "state.json")
 OWNER = "owner"
+_PATIENCE = [120.0]  # seconds a failing storage call is tried again (`patience`)
+_BACKOFF = (0.5, 15.0)  # the first wait between tries, doubled up to the second
+
+
+class StorageUnavailable(OSError):
+    """Checkpoint storage that failed every try for the patience: full, unreachable, refusing."""
+
+
+@contextlib.contextmanager
+def patience(seconds: float | None):
+    """Within it, a failing storage call is tried again for `seconds` (None: the default, 120)."""
+    before = _PATIENCE[0]
+    _PATIENCE[0] = before if seconds is None else float(seconds)
+    try:
+        yield
+    finally:
+        _PATIENCE[0] = before
+
+
+def transient(error: BaseException) -> bool:
+    """May trying again help? A full disk, a refused or dropped connection, a timeout, a 5xx:
+    yes; a missing file (an answer) or a bug (TypeError, ...): no."""
+    if isinstance(error, FileNotFoundError | IsADirectoryError | NotADirectoryError):
+        return False
+    if isinstance(error, OSError):
+        return True
+    return type(error).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp",
+                                                    "urllib3", "requests", "google")
+
+
+def patiently(what: str, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, tried again with backoff while it fails `transient`ly, for the
+    patience; then `StorageUnavailable` naming `what` and the last error."""
+    began, wait, warned = time.monotonic(), _BACKOFF[0], False
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if not transient(e):
+                raise
+            waited = time.monotonic() - began
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            if waited >= _PATIENCE[0]:
+                full = " (the disk is full)" if getattr(e, "errno", None) == errno.ENOSPC else ""
+                raise StorageUnavailable(f"{what}: failed for {waited:.0f} s{full}: {why}") from e
+            if not warned:
+                log.warning("%s failed (%s); trying again for up to %g s", what, why,
+                            _PATIENCE[0])
+                warned = True
+            time.sleep(min(wait, max(0.0, _PATIENCE[0] - waited)))
+            wait = min(2 * wait, _BACKOFF[1])
 
 
 def _step_name(step: int) -> str:
@@ -63,14 +122,22 @@ def save(root: str | Path, trial_id: str, adapter: dict[str, torch.Tensor],
     blobs = {"adapter.safetensors": save_bytes(adapter),
              "optimizer.safetensors": save_bytes(tensors),
              "state.json": json.dumps({**state, "optimizer": scalars}).encode()}
-    if is_uri(root):
-        return _put_remote(str(root), trial_id, name, blobs)
+    write = _put_remote if is_uri(root) else _put_local
+    return patiently(f"checkpoint of trial {trial_id} at step {state['step']} in {root}", write,
+                     str(root), trial_id, name, blobs)
+
+
+def _put_local(root: str, trial_id: str, name: str, blobs: dict[str, bytes]) -> Path:
     folder = trial_dir(root, trial_id)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder))
-    for file, data in blobs.items():
-        _write_synced(tmp / file, data)
-    _sync(tmp)
+    try:
+        for file, data in blobs.items():
+            _write_synced(tmp / file, data)
+        _sync(tmp)
+    except OSError:  # a full disk, say: the half-written step frees its room before a retry
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = folder / name
     if final.exists():
         shutil.rmtree(final)
@@ -91,6 +158,10 @@ def claim(root: str | Path, trial_id: str, token: str) -> None:
     """Make `token` (one attempt at the trial, on some worker) the only one that may write its
     checkpoints from now on: an attempt sent again after its worker was lost or partitioned
     claims the trial, and the earlier one, if it comes back, sees that it lost it (`holds`)."""
+    patiently(f"claim of trial {trial_id} in {root}", _claim, root, trial_id, token)
+
+
+def _claim(root: str | Path, trial_id: str, token: str) -> None:
     if is_uri(root):
         fs, base = _fs(str(root))
         fs.pipe_file(f"{base}/{trial_id}/{OWNER}", token.encode())
@@ -104,16 +175,17 @@ def claim(root: str | Path, trial_id: str, token: str) -> None:
 
 def holds(root: str | Path, trial_id: str, token: str) -> bool:
     """True while `token`'s claim on the trial stands (no later attempt claimed it)."""
-    try:
+    def owner() -> str:
         if is_uri(root):
             fs, base = _fs(str(root))
             fs.invalidate_cache(f"{base}/{trial_id}")
-            owner = fs.cat_file(f"{base}/{trial_id}/{OWNER}").decode()
-        else:
-            owner = (trial_dir(root, trial_id) / OWNER).read_text()
+            return fs.cat_file(f"{base}/{trial_id}/{OWNER}").decode()
+        return (trial_dir(root, trial_id) / OWNER).read_text()
+
+    try:
+        return patiently(f"claim of trial {trial_id} in {root}", owner) == token
     except FileNotFoundError:
         return True  # never claimed: written by a caller that does not fence
-    return owner == token
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -192,26 +264,34 @@ def load(root: str | Path, trial_id: str, step: int | None = None):
     state), or None; with `step`, the one of that step (None if it is not kept or unreadable).
     A `latest` that cannot be read (truncated by a full disk, say) falls back to the checkpoint
     kept before it, with a warning: only that trial goes back."""
+    what = f"checkpoint of trial {trial_id} in {root}"
     if is_uri(root):
         fs, base = _fs(str(root))
         folder = f"{base}/{trial_id}"
-        if not fs.exists(f"{folder}/latest"):
-            return None
-        latest = fs.cat_file(f"{folder}/latest").decode().strip()
-        kept = sorted((p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)), reverse=True)
+
+        def listing():
+            if not fs.exists(f"{folder}/latest"):
+                return None, []
+            return (fs.cat_file(f"{folder}/latest").decode().strip(),
+                    [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)])
 
         def reader(name: str):
-            return lambda file: fs.cat_file(f"{folder}/{name}/{file}")
+            return lambda file: patiently(what, fs.cat_file, f"{folder}/{name}/{file}")
     else:
         folder = trial_dir(root, trial_id)
-        pointer = folder / "latest"
-        if not pointer.exists():
-            return None
-        latest = pointer.read_text().strip()
-        kept = sorted((p.name for p in folder.iterdir()), reverse=True)
+
+        def listing():
+            pointer = folder / "latest"
+            if not pointer.exists():
+                return None, []
+            return pointer.read_text().strip(), [p.name for p in folder.iterdir()]
 
         def reader(name: str):
-            return lambda file: (folder / name / file).read_bytes()
+            return lambda file: patiently(what, (folder / name / file).read_bytes)
+    latest, kept = patiently(what, listing)
+    if latest is None:
+        return None
+    kept = sorted(kept, reverse=True)
     if step is not None:
         names = [_step_name(step)]
     else:  # latest first, then the older complete ones, newest first
@@ -219,7 +299,9 @@ def load(root: str | Path, trial_id: str, step: int | None = None):
     for name in names:
         try:
             return _read(reader(name))
-        except FileNotFoundError:
+        except (FileNotFoundError, StorageUnavailable) as e:
+            if isinstance(e, StorageUnavailable):
+                raise
             continue
         except Exception as e:  # noqa: BLE001 - safetensors, JSON, a half object: unreadable
             log.warning("checkpoint %s/%s of trial %s is unreadable (%s); trying the one before",

@@ -107,7 +107,7 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
                 slot, pack = idle.popleft(), todo.popleft()
                 ref = slots[slot].worker.run_pack.remote(
                     pack.pack_id, pack.base, [t.spec for t in pack.trials], checkpoint_dir,
-                    checkpoint_every, hooks, data)
+                    checkpoint_every, hooks, data, lost_timeout_s)
                 running[ref] = (slot, pack)
                 heard[pack.pack_id] = time.time()
             placing = {s.placing: i for i, s in enumerate(slots) if s.placing is not None}
@@ -164,6 +164,8 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
                 except Exception as e:
                     outcome = lost_pack(pack, e)
                 else:
+                    if outcome.storage_lost:  # resumable: the trials keep their checkpoints
+                        raise SweepLost("cluster.storage", outcome.error)
                     if outcome.oom:
                         outcome, again = after_oom(pack, outcome)
                 events.append(outcome)

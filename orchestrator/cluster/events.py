@@ -81,6 +81,7 @@ class PackOutcome:
     memory_peak: int | None = None  # measured: CUDA max allocated, or CPU RSS high-water above
     #                                  the worker's RSS before its first base (see PackWorker)
     bits_per_weight: float | None = None  # measured storage of the base's linears (quant.type)
+    storage_lost: bool = False  # its checkpoint storage failed for the patience: the sweep stops
 
 
 @dataclass

@@ -121,7 +121,7 @@ class PackWorker:
 
     def run_pack(self, pack_id: str, base_spec: BaseSpec, specs: list[TrialSpec],
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0,
-                 hooks=None, data=None) -> PackOutcome:
+                 hooks=None, data=None, storage_patience_s: float | None = None) -> PackOutcome:
         """Train `specs` together, each from its checkpoint under `checkpoint_dir` if it has one.
 
         An engine exception fails the trials that had not ended; out of device memory instead
@@ -130,11 +130,14 @@ class PackWorker:
         `for_pack` gives this pack's callbacks, trials may be stopped early and freed slots are
         backfilled with waiting trials; their results are in the outcome too. `data` (a
         `DataShare`) names the driver's tokenized data, opened here instead of tokenized again.
+        A checkpoint that cannot be written or read for `storage_patience_s` (cluster.lost_timeout_s)
+        ends the pack with `storage_lost`: the driver stops the sweep, resumable.
         """
         import torch
 
         from orchestrator.cluster.pack import estimate_bytes
         from qlora import train_pack
+        from qlora.checkpoint import StorageUnavailable, patience
         from qlora.memory import peak_bytes, reset_peak
 
         self.warm()  # a no-op after the first time
@@ -168,20 +171,24 @@ class PackWorker:
             if hooks is not None:
                 hooks.on_trial_end(result.trial_id)
 
-        error, oom, base = None, False, None
+        error, oom, lost, base = None, False, False, None
         try:
             base = self._base_for(base_spec)
             datasets = data.open() if data is not None else None
-            train_pack(base, specs, datasets=datasets, on_metrics=on_metrics,
-                       on_trial_end=on_trial_end,
-                       next_trial=hooks.next_trial if hooks is not None else None,
-                       exploit=hooks.exploit if hooks is not None else None,
-                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                       owner=f"{placement.hostname}:{placement.pid}:{pack_id}:{uuid.uuid4().hex}")
+            with patience(storage_patience_s):
+                train_pack(base, specs, datasets=datasets, on_metrics=on_metrics,
+                           on_trial_end=on_trial_end,
+                           next_trial=hooks.next_trial if hooks is not None else None,
+                           exploit=hooks.exploit if hooks is not None else None,
+                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                           owner=f"{placement.hostname}:{placement.pid}:{pack_id}:"
+                                 f"{uuid.uuid4().hex}")
         except torch.OutOfMemoryError as e:
             # Splitting helps only if the base itself fitted; the frozen base is still sound.
             oom = base is not None
             error = f"{type(e).__name__}: {first_line(e)}"
+        except StorageUnavailable as e:  # the base is sound; the sweep stops, resumable
+            lost, error = True, f"{type(e).__name__}: {first_line(e)}"
         except Exception as e:
             error = f"{type(e).__name__}: {first_line(e)}"
             self._drop_base()  # its state after a failed step is not worth trusting
@@ -198,7 +205,8 @@ class PackWorker:
         return PackOutcome(pack_id, results, placement, started, time.time(), error, oom=oom,
                            interrupted=interrupted, base_loads=self._loads - loads,
                            memory_estimate=estimate, memory_peak=peak,
-                           bits_per_weight=self._bits if base is not None else None)
+                           bits_per_weight=self._bits if base is not None else None,
+                           storage_lost=lost)
 
     def _refuse(self, estimate: int, n_trials: int) -> str | None:
         """Why a pack of several trials would not fit this GPU's free memory (None: it fits)."""

@@ -127,3 +127,36 @@ def test_an_attempt_that_lost_its_claim_writes_no_checkpoint(data, tmp_path):
     assert (folder / "latest").read_text() == "step-000012"  # not the stale attempt's step 4
     assert sorted(p.name for p in folder.glob("step-*")) == ["step-000010", "step-000012"]
     assert ckpt.load(tmp_path, trial.trial_id)[2]["status"] == "finished"
+
+
+def test_storage_calls_are_tried_again_while_they_may_pass_then_give_up(caplog):
+    """A full disk or a storage that does not answer is tried again with backoff; past the
+    patience, `StorageUnavailable`. A missing file is an answer and a bug is a bug: at once."""
+    import errno
+
+    tries = []
+
+    def full_twice():
+        tries.append(1)
+        if len(tries) < 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return "written"
+
+    assert ckpt.patiently("a write", full_twice) == "written" and len(tries) == 3
+    assert "a write failed (OSError: [Errno 28] No space left on device)" in caplog.text
+    for error in (FileNotFoundError("latest"), TypeError("a bug")):
+        def fails(error=error):
+            tries.append(1)
+            raise error
+
+        tries.clear()
+        with pytest.raises(type(error)):
+            ckpt.patiently("a read", fails)
+        assert len(tries) == 1
+
+    def always_full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with ckpt.patience(1.0), pytest.raises(ckpt.StorageUnavailable,
+                                           match=r"a write: failed for 1 s \(the disk is full\)"):
+        ckpt.patiently("a write", always_full)

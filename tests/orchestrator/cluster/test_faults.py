@@ -375,6 +375,57 @@ def test_a_hung_worker_is_killed_and_its_pack_runs_again_with_the_same_numbers(
     assert "WorkerHung" in capsys.readouterr().out
 
 
+def test_a_full_disk_stops_the_sweep_resumable_and_resume_changes_no_number(reference, tmp_path,
+                                                                          capsys):
+    """`cluster.storage` on a disk that fills up once the first checkpoint is there: writes are
+    tried again for `cluster.lost_timeout_s`, then the sweep stops with exit 3, no trial FAILED;
+    with room again, `resume=true` ends with every number of the sweep without faults."""
+    import threading
+
+    from orchestrator.config.compose import compose
+    from orchestrator.sweep import run_sweep
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        config = validate(compose([*OVERRIDES, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                                   f"tracking.artifact_location={tmp_path}/mlartifacts",
+                                   f"output_dir={tmp_path}/outputs", "pack.max_adapters=2",
+                                   "cluster.num_workers=2", f"cluster.storage={disk}",
+                                   "cluster.lost_timeout_s=5"]))
+        filled: list = []
+
+        def fill_once_checkpointed() -> None:
+            deadline = time.monotonic() + 120
+            while not any(disk.glob("checkpoints/*/*/latest")) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            with open(disk / "filler", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    filled.append(time.monotonic())
+
+        filler = threading.Thread(target=fill_once_checkpointed, daemon=True)
+        filler.start()
+        assert run_sweep(config) == 3
+        filler.join(5)
+        assert filled
+        out = "".join(capsys.readouterr())
+        assert "cluster.storage" in out and "(the disk is full)" in out, out[-2000:]
+        stopped = ledger_of(config.tracking.uri)
+        assert "FAILED" not in {r.info.status for runs in stopped.runs.values() for r in runs}
+        (disk / "filler").unlink()  # room again
+        assert run_sweep(replace(config, resume=True)) == 0
+        matches_reference(ledger_of(config.tracking.uri), reference)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 # -- the CLI as a user runs it: kill -9 and Ctrl-C ----------------------------------------------------
 
 @pytest.mark.slow
