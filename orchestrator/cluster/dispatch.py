@@ -10,7 +10,8 @@ Workers and the cluster. A worker is sent packs only once Ray has placed it and 
 is smaller than asked, an autoscaler is still growing) holds no work, and the console is told
 what it waits for and since when (`WorkersWaiting`). When no worker at all is placed while
 packs wait, for `lost_timeout_s`, the cluster is taken as gone: `SweepLost` (exit 3). A
-running pack that reports nothing for `hang_timeout_s` has its worker killed and its trials sent
+running pack that reports nothing for `hang_timeout_s` (once its worker said it started it; before
+that, `START_GRACE_S` at least: a new worker's imports come first) has its worker killed and its trials sent
 again (`WorkerHung`); from then on, and after any loss, what that pack still streams is dropped:
 only the attempt now running a trial is recorded.
 """
@@ -33,6 +34,7 @@ from orchestrator.cluster.events import (
     WORKER_LOST,
     Event,
     PackRetried,
+    PackStarted,
     TrialEnded,
     WorkersWaiting,
     first_line,
@@ -49,6 +51,7 @@ WAIT_NOTICE_S = 20.0  # a worker unplaced this long (or lost_timeout_s / 2) is r
 #                       every WAIT_REPEAT_S
 WAIT_REPEAT_S = 60.0
 LOST_TIMEOUT_S = 120.0
+START_GRACE_S = 300.0  # a pack sent to a worker still importing may take this long to start
 TEARDOWN_WAIT_S = 3.0  # how long the end of a sweep waits for its workers to be killed
 
 
@@ -97,6 +100,7 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
     noticed = (0.0, 0)  # when waiting workers were last reported, and how many
     start_error = ""  # why the last worker that died before it was placed died
     heard: dict[str, float] = {}  # running pack id -> when it last reported (or was sent)
+    began: set[str] = set()  # packs whose worker said it started them (PackStarted)
     try:
         while True:
             if refill is not None and idle and not todo:
@@ -122,9 +126,11 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
                                    not hasattr(ev, "pack_id")]
             now = time.time()
             heard.update((ev.pack_id, now) for ev in events if hasattr(ev, "pack_id"))
+            began.update(ev.pack_id for ev in events if isinstance(ev, PackStarted))
             if hang_timeout_s is not None:
-                hung = [ref for ref, (_, p) in running.items()
-                        if ref not in ready and now - heard[p.pack_id] >= hang_timeout_s]
+                hung = [ref for ref, (_, p) in running.items() if ref not in ready and
+                        now - heard[p.pack_id] >= (hang_timeout_s if p.pack_id in began else
+                                                   max(hang_timeout_s, START_GRACE_S))]
                 for ref in hung:
                     slot, pack = running.pop(ref)
                     silent = now - heard.pop(pack.pack_id)

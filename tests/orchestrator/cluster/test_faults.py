@@ -334,7 +334,7 @@ def test_out_of_memory_splits_the_pack_and_every_trial_still_matches_alone(alone
 
 def test_a_hung_worker_is_killed_and_its_pack_runs_again_with_the_same_numbers(
         reference, tmp_path, capsys):
-    """A worker that Ray placed but that stops (SIGSTOP: no step, no answer) is killed after
+    """A worker that Ray placed but that stops mid-pack (SIGSTOP: no step, no answer) is killed after
     `cluster.hang_timeout_s` and its pack runs again on a new worker, each trial's numbers
     those of the sweep without faults, every metric point once."""
     import threading
@@ -351,6 +351,10 @@ def test_a_hung_worker_is_killed_and_its_pack_runs_again_with_the_same_numbers(
     stopped: list = []
 
     def stop_the_first_pack_to_start() -> None:
+        deadline = time.monotonic() + 120
+        checkpoints = Path(config.output_dir) / SWEEP / "checkpoints"
+        while not any(checkpoints.glob("*/*/latest")) and time.monotonic() < deadline:
+            time.sleep(0.005)  # both packs started; stop one of them mid-training
         while not stopped:
             for child in psutil.Process().children(recursive=True):
                 try:
