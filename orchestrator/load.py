@@ -25,13 +25,14 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.tracking.keys import ADAPTER_DIR, LINEAGE_PREFIX
+from orchestrator.tracking.keys import ADAPTER_DIR, BASE_TAG_PREFIX, LINEAGE_PREFIX
 from orchestrator.tracking.registry import BASE_PARAMS
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 class LoadError(LookupError):
@@ -49,6 +50,7 @@ class LoadedAdapter:
     adapter_dir: Path
     lineage: dict[str, str]  # base_model, quant_type, ... (the tag names without `qlora.`)
     version: object | None = None  # mlflow ModelVersion, for a models:/ reference
+    notes: list[str] = field(default_factory=list)  # version tags that disagree with the run
 
 
 def resolve(client, ref: str) -> tuple[str, str, dict[str, str], object | None]:
@@ -63,9 +65,10 @@ def resolve(client, ref: str) -> tuple[str, str, dict[str, str], object | None]:
             version = client.get_model_version(name, number)
         else:
             raise LoadError(f"{ref}: write models:/NAME@ALIAS or models:/NAME/VERSION")
-        tags = {k[len(LINEAGE_PREFIX):]: v for k, v in version.tags.items()
-                if k.startswith(LINEAGE_PREFIX)}
-        return version.run_id, version.source, tags, version
+        # The run's params are its record, written once by the sweep; a version's tags can be
+        # set by anyone who may tag it. The run decides; `disagreements` reports the tags.
+        return version.run_id, version.source, run_lineage(client.get_run(version.run_id)), \
+            version
     run_id = ref
     if ref.startswith("runs:/"):
         run_id = ref[len("runs:/"):].split("/", 1)[0]
@@ -73,10 +76,30 @@ def resolve(client, ref: str) -> tuple[str, str, dict[str, str], object | None]:
         raise LoadError(f"{ref}: not models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or "
                         "a run id")
     run = client.get_run(run_id)
-    tags = {tag: run.data.params[param] for param, tag in BASE_PARAMS.items()
-            if param in run.data.params}
     source = f"{run.info.artifact_uri.rstrip('/')}/{ADAPTER_DIR}"
-    return run_id, source, tags, None
+    return run_id, source, run_lineage(run), None
+
+
+def run_lineage(run) -> dict[str, str]:
+    """A trial run's base as its params recorded it (params are written once), with the GGUF
+    file it was converted from (its `qlora.base.*` tags), in the version tags' names."""
+    lineage = {tag: run.data.params[param] for param, tag in BASE_PARAMS.items()
+               if param in run.data.params}
+    lineage.update({"base_" + k[len(BASE_TAG_PREFIX):]: v for k, v in run.data.tags.items()
+                    if k.startswith(BASE_TAG_PREFIX)})
+    return lineage
+
+
+def disagreements(version, lineage: dict[str, str]) -> list[str]:
+    """Each lineage tag of a model version that differs from its run's record: reported, not
+    followed (see `resolve`)."""
+    notes = []
+    for key, value in sorted(version.tags.items()):
+        name = key[len(LINEAGE_PREFIX):]
+        if key.startswith(LINEAGE_PREFIX) and name in lineage and lineage[name] != value:
+            notes.append(f"tag {key}={value} disagrees with run {version.run_id}'s record "
+                         f"({lineage[name]}); the run's record is used")
+    return notes
 
 
 def named(ref: str, error: BaseException) -> str:
@@ -118,15 +141,29 @@ def base_spec(lineage: dict[str, str], trust_remote_code: bool = False):
         raise LoadError(f"its base {name} is recorded with trust_remote_code=true: loading it "
                         "would run that model repository's code; pass --trust-remote-code if "
                         "you trust it")
-    return BaseSpec(
+    commit = text("base_commit")
+    spec = BaseSpec(
         name_or_path=name,
-        revision=text("base_revision"),
+        # a hub base is loaded at the commit it trained on, not where its branch is now
+        revision=commit if commit and _COMMIT.fullmatch(commit) else text("base_revision"),
         trust_remote_code=trust_remote_code,
         quant_type=text("quant_type", "nf4"),
         double_quant=str(lineage.get("quant_double_quant", "True")).lower() == "true",
         compute_dtype=text("quant_compute_dtype", "bfloat16"),
         gradient_checkpointing=False,
     )
+    if commit:
+        from qlora.base import base_commit
+
+        try:
+            found = base_commit(spec)
+        except Exception as e:  # noqa: BLE001 - gone, unreachable, not that commit
+            raise LoadError(f"its base {name} at {commit} cannot be found: "
+                            f"{' '.join(str(e).split())[:300]}") from e
+        if found != commit:
+            raise LoadError(f"its base {name} is not the one it trained on: it trained on "
+                            f"{commit}, and {name} is now {found}")
+    return spec
 
 
 def load_adapter(ref: str, tracking_uri: str | None = None, *, device: str | None = None,
@@ -150,7 +187,8 @@ def load_adapter(ref: str, tracking_uri: str | None = None, *, device: str | Non
     base = load_base(base_spec(lineage, trust_remote_code), device)
     base.model.config.use_cache = True  # generation, not training
     model = PeftModel.from_pretrained(base.model, str(folder)).eval()
-    return LoadedAdapter(model, base.tokenizer, base, run_id, folder, lineage, version)
+    notes = disagreements(version, lineage) if version is not None else []
+    return LoadedAdapter(model, base.tokenizer, base, run_id, folder, lineage, version, notes)
 
 
 def generate(loaded: LoadedAdapter, prompt: str, max_new_tokens: int = 32,
@@ -214,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         at = "" if args.tracking_uri in str(e) else f" (at {args.tracking_uri})"
         print(f"error: {named(args.ref, e)}{at}", file=sys.stderr)
         return 2
+    for note in loaded.notes:
+        print(f"warning: {args.ref}: {note}", file=sys.stderr)
     prompt = args.prompt
     if prompt is None:  # in the base's chat template where training used it
         prompt = alpaca_prompt(loaded.tokenizer, args.instruction, args.input)

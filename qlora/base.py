@@ -8,12 +8,16 @@ embeddings upcast, input gradients enabled so checkpointed blocks get gradients)
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .config import TINY, BaseSpec
+from .sources import memo_sha256
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -45,6 +49,43 @@ def resolve_source(spec: BaseSpec) -> str:
     from .models import resolve
 
     return resolve(spec.name_or_path) or spec.name_or_path
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def base_commit(spec: BaseSpec) -> str:
+    """Which files exactly `spec`'s base is: the hub commit they come from (40 hex; a folder in
+    the hub cache's `snapshots/` is its commit), or for a folder of its own `sha256:` and 16 hex
+    over its files' names and contents (memoized by their sizes and times: read once). A run
+    records it (`model_commit`); loading its adapter pins and checks it (`orchestrator.load`)."""
+    source = resolve_source(spec)
+    folder = Path(source)
+    if folder.is_dir():
+        if folder.parent.name == "snapshots" and _COMMIT.fullmatch(folder.name):
+            return folder.name
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(folder).parts))
+        stamp = {"folder": str(folder.resolve()),
+                 "files": [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns]
+                           for p in files]}
+        return "sha256:" + memo_sha256(stamp, lambda: _digest(folder, files))
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    commit = extract_commit_hash(cached_file(source, "config.json", revision=spec.revision), None)
+    if commit is None:
+        raise ValueError(f"{source}: no commit found for revision {spec.revision or 'main'}")
+    return commit
+
+
+def _digest(folder: Path, files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in files:
+        h.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def quantization_config(spec: BaseSpec):

@@ -201,10 +201,10 @@ def content_hash(src: Source) -> str:
         st = os.stat(src.where)
         stamp = {"path": os.path.realpath(src.where), "size": st.st_size,
                  "mtime": st.st_mtime_ns}
-        return _memo(stamp, lambda: _hash_stream(open(src.where, "rb")))
+        return memo_sha256(stamp, lambda: _hash_stream(open(src.where, "rb")))
     if src.kind == "uri":
         info = _uri_info(src)
-        return _memo(info, lambda: _hash_stream(_open(src)))
+        return memo_sha256(info, lambda: _hash_stream(_open(src)))
     ds = dataset(src)
     return hashlib.sha256(f"{src.kind}:{ds._fingerprint}".encode()).hexdigest()[:16]
 
@@ -231,7 +231,9 @@ def _hash_stream(f) -> str:
     return h.hexdigest()[:16]
 
 
-def _memo(stamp: dict, compute) -> str:
+def memo_sha256(stamp: dict, compute) -> str:
+    """`compute()` (a sha256 hex digest), kept under $QLORA_CACHE by `stamp` (a path with its
+    sizes and times): a big file or folder is read once until it changes."""
     from .config import stable_hash
     from .tiny import cache_root
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from orchestrator.config.schema import Config
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from orchestrator.search.trials import Trial
@@ -104,7 +107,23 @@ def trial_params(trial: Trial) -> dict[str, str]:
                                    sort_keys=True)
             params[PARAM_NAMES.get((section, key), f"{section}_{key}")] = _param_value(value)
     params["seed"] = _param_value(cfg.seed)
+    params.update(commit_param(cfg.model.name_or_path, cfg.model.revision))
     return params
+
+
+@functools.cache
+def commit_param(name_or_path: str, revision: str | None) -> dict[str, str]:
+    """{'model_commit': the base's hub commit, or sha256: of its folder} (`qlora.base.base_commit`,
+    once per sweep), which `orchestrator.load` pins and checks; {} when it cannot be told."""
+    from qlora.base import base_commit
+    from qlora.config import BaseSpec
+
+    try:
+        return {"model_commit": base_commit(BaseSpec(name_or_path=name_or_path,
+                                                     revision=revision))}
+    except Exception as e:  # noqa: BLE001 - the preflight loaded this base; record, never stop
+        log.warning("the commit of base %s is not recorded: %s", name_or_path, e)
+        return {}
 
 
 def sweep_params(config: Config, num_trials: int, extra: dict | None = None) -> dict[str, str]:

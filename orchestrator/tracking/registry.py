@@ -6,6 +6,7 @@ artifacts, and the alias `champion` moves to that version. The version carries i
 tags, enough to rebuild the exact base it was trained on (`orchestrator.load` reads them):
 
     qlora.base_model, qlora.base_revision        the base (`tiny`, a folder, or a hub id)
+    qlora.base_commit                            its hub commit, or sha256: of its folder's files
     qlora.base_gguf_file, qlora.base_gguf_sha256 the GGUF file it was converted from, if any
     qlora.quant_type, qlora.quant_double_quant,  how the base was quantized
     qlora.quant_compute_dtype
@@ -35,6 +36,7 @@ from orchestrator.tracking.keys import (
 BASE_PARAMS = {
     "model_name_or_path": "base_model",
     "model_revision": "base_revision",
+    "model_commit": "base_commit",
     "model_trust_remote_code": "base_trust_remote_code",
     "quant_type": "quant_type",
     "quant_double_quant": "quant_double_quant",
