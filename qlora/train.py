@@ -27,6 +27,7 @@ formed one segment at a time, so at most one segment's logits exist at once.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ from .result import TrialResult
 from .stream import TrialStream, collate
 
 MetricsCallback = Callable[[str, int, dict], "bool | None"]
+log = logging.getLogger(__name__)
+FENCED = ("fenced: a later attempt at this trial (sent again after this worker was taken for "
+          "lost) holds its checkpoints")
 
 
 @dataclass
@@ -221,8 +225,9 @@ def _maybe_checkpoint(base: Base, slot: _Slot, root, every: int, owner: str | No
     if ended_well:
         state.update(status=slot.result.status, reason=slot.result.reason)
     if owner and not checkpoint.holds(root, slot.spec.trial_id, owner):
-        _end(slot, TrialStatus.FAILED, "fenced: a later attempt at this trial (sent again after "
-                                       "this worker was taken for lost) holds its checkpoints")
+        log.warning("trial %s at step %d: %s; this attempt (%s) writes nothing more",
+                    slot.spec.trial_id, slot.step, FENCED, owner)
+        _end(slot, TrialStatus.FAILED, FENCED)
         return
     checkpoint.save(root, slot.spec.trial_id, adapter_state(base, slot.key), slot.optimizer, state)
     slot.saved_step = slot.step

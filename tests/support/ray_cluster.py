@@ -47,10 +47,13 @@ def ray_env(extra: dict | None = None) -> dict[str, str]:
 class Node:
     """One `ray start --block` process and everything it started, in its own process group."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str]):
+    def __init__(self, args: list[str], log: Path, env: dict[str, str],
+                 prefix: list[str] | None = None):
+        """`prefix` runs `ray start` through another command (`ip netns exec NS`), which execs it
+        in the same process: the session is still this node's."""
         self.log_path = log
         self._log = open(log, "w")  # noqa: SIM115
-        self.proc = subprocess.Popen([RAY, "start", "--block", *args], env=env,
+        self.proc = subprocess.Popen([*(prefix or []), RAY, "start", "--block", *args], env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -98,17 +101,18 @@ class Node:
 
 
 class Cluster:
-    """A head and `nodes` more on 127.0.0.1, `cpus` CPUs each; `address` is the head's HOST:PORT.
-    Use as a context manager: every node is killed by its group on exit."""
+    """A head and `nodes` more on `ip` (127.0.0.1), `cpus` CPUs each; `address` is the head's
+    HOST:PORT. Use as a context manager: every node is killed by its group on exit."""
 
-    def __init__(self, root: Path, nodes: int = 1, cpus: int = 1, env: dict | None = None):
-        self.root = root
+    def __init__(self, root: Path, nodes: int = 1, cpus: int = 1, env: dict | None = None,
+                 ip: str = "127.0.0.1"):
+        self.root, self.ip = root, ip
         self.env = ray_env(env)
         # Ray's socket paths must stay short: a temp folder of its own under /tmp.
         self.temp_dir = tempfile.mkdtemp(prefix="qo-ray-", dir="/tmp")
         port = free_port()
-        self.address = f"127.0.0.1:{port}"
-        self.head = Node(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+        self.address = f"{ip}:{port}"
+        self.head = Node(["--head", "--node-ip-address", ip, "--port", str(port),
                           "--num-cpus", str(cpus), "--num-gpus", "0", "--temp-dir", self.temp_dir,
                           "--include-dashboard", "false",
                           "--ray-client-server-port", str(free_port()),
@@ -123,11 +127,13 @@ class Cluster:
             self.close()
             raise
 
-    def add_node(self, cpus: int, index: int) -> Node:
-        node = Node(["--address", self.address, "--node-ip-address", "127.0.0.1",
+    def add_node(self, cpus: int, index: int, ip: str | None = None,
+                 prefix: list[str] | None = None) -> Node:
+        """A node on `ip` (the head's), its `ray start` run through `prefix` if given."""
+        node = Node(["--address", self.address, "--node-ip-address", ip or self.ip,
                      "--num-cpus", str(cpus), "--num-gpus", "0",
                      "--dashboard-agent-listen-port", str(free_port())],
-                    self.root / f"node{index}.log", self.env)
+                    self.root / f"node{index}.log", self.env, prefix)
         self.nodes.append(node)
         node.wait_started()
         return node

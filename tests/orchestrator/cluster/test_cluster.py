@@ -21,10 +21,11 @@ from support.fault_sweeps import (
     matches_reference,
     summary_of,
 )
+from support.netns import NetNs
 from support.ray_cluster import Cluster
 from support.servers import MlflowServer, MotoS3
 
-from orchestrator.tracking.keys import FAILURE_TAG, NODE_TAG, RESTARTS_TAG
+from orchestrator.tracking.keys import FAILURE_TAG, NODE_TAG, RESTARTS_TAG, TRAIN_LOSS
 from qlora.data import bundled_path
 
 WAITING_ONE = "for 1 of 2 worker(s) to be placed, each asking 1 CPU (the cluster had 1 CPU"
@@ -212,3 +213,52 @@ def test_data_on_s3_is_tokenized_once_and_reaches_nodes_that_share_no_disk(tmp_p
     assert not (nodes_cache / "data" / "records").exists()  # no node read the source
     summary = summary_of(tmp_path)
     assert {r["status"] for r in summary["trials"]} == {"finished"}
+
+
+@pytest.mark.slow
+def test_a_partitioned_node_s_pack_runs_elsewhere_and_the_cut_off_worker_writes_nothing(
+        tmp_path):
+    """A node in a network namespace of its own: its link is cut for longer than Ray's health
+    check, then restored. Ray takes the node for dead, its pack runs again on another node from
+    the checkpoints; the cut-off worker trains on meanwhile, and once the new attempt has claimed
+    its trials it writes no checkpoint (fenced), and the driver records none of its stream."""
+    if not NetNs.available():
+        pytest.skip("a network namespace needs root (ip netns)")
+    steps = PARTITION_STEPS
+    with NetNs() as ns, Cluster(tmp_path, nodes=0, ip=ns.host_ip) as cluster:
+        cut_off = cluster.add_node(1, 0, ip=ns.ns_ip, prefix=ns.prefix)
+        cli = Cli(tmp_path, "pack.max_adapters=2", "cluster.num_workers=2",
+                  f"cluster.address={cluster.address}", f"train.max_steps={steps}",
+                  "train.eval_every=100", "eval.num_samples=0", env=_ray_env(cluster))
+        try:
+            cli.wait_for(lambda: cut_off.pack_workers() and cluster.head.pack_workers())
+            spare = cluster.add_node(1, 1)  # where the cut-off node's pack can go
+            cli.wait_for(checkpointed(tmp_path))
+            ns.cut()
+            cli.wait_for(lambda: "-r1 started on node" in cli.output(tail=None), timeout=240)
+            # The new attempt claims the trials; the cut-off worker's next checkpoint is refused.
+            cli.wait_for(lambda: _fenced(cluster), timeout=120)
+            ns.restore()  # its raylet learns it was taken for dead, and ends with its workers
+            assert cli.finish(timeout=400) == 0, cli.output()
+        finally:
+            cli.cleanup()
+            spare.kill()
+    out = cli.output(tail=None)
+    assert "worker lost" in out, out
+    ledger = ledger_of(f"sqlite:///{tmp_path}/mlflow.db")
+    restarts = {tid: int(runs[0].data.tags.get(RESTARTS_TAG, 0))
+                for tid, runs in ledger.runs.items()}
+    assert sorted(restarts.values()) == [0, 0, 1, 1]
+    for tid, runs in ledger.runs.items():
+        assert [r.info.status for r in runs] == ["FINISHED"], tid
+        # every step once: nothing of the cut-off worker's stream was recorded twice
+        assert [s for s, _ in ledger.curves[tid][TRAIN_LOSS]] == list(range(1, steps + 1)), tid
+
+
+PARTITION_STEPS = 300
+
+
+def _fenced(cluster: Cluster) -> bool:
+    """A worker of the cluster logged that it lost its claim on a trial."""
+    return any("fenced: a later attempt" in p.read_text(errors="replace")
+               for p in Path(cluster.temp_dir).glob("session_*/logs/worker-*.err"))
