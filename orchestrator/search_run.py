@@ -35,6 +35,17 @@ from orchestrator.search.trials import Trial, set_values
 from qlora.config import TrialStatus
 
 
+def _near_the_driver(workers: WorkerPlan):
+    """Soft affinity to the driver's node (it restarts elsewhere if that node is gone); through
+    Ray Client the driver has no node: Ray places it."""
+    if workers.address.startswith("ray://"):
+        return "DEFAULT"
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+
+
 class SearchRun:
     """The trials of one sweep as they are proposed, packed, backfilled and stopped."""
 
@@ -53,13 +64,25 @@ class SearchRun:
         if self.scheduler.live:  # it decides next to the workers, in an actor of its own
             import ray
 
+            # Restarted by Ray when its process or node is lost, calls in flight retried; the
+            # driver then restores it from what it saw (`_ensure`). Near the driver if it can.
             self._coordinator = ray.remote(SearchCoordinator).options(
-                num_cpus=0, runtime_env={"env_vars": worker_env(workers)}).remote(
+                num_cpus=0, runtime_env={"env_vars": worker_env(workers)},
+                max_restarts=-1, max_task_retries=-1, max_concurrency=8,
+                scheduling_strategy=_near_the_driver(workers)).remote(
                     self.scheduler, self.objective)
         self._new_trials: list[Trial] = []
         self._new_packs: dict[str, list[str]] = {}
         self._ended: set[str] = set()
         self._stops: dict = {}
+        # What a restarted coordinator gets back: the evaluations and ends in the order they
+        # came, the trials queued per group, where each was seen training, and those packed.
+        self._journal: list[tuple] = []
+        self._queued: dict[str, list[str]] = {}
+        self._seen: dict[str, str] = {}  # trial -> the pack it last reported from
+        self._packed: set[str] = set()
+        self._incarnation: str | None = None
+        self._checked = 0.0
 
     @property
     def round_size(self) -> int:
@@ -90,11 +113,14 @@ class SearchRun:
             first = [t for group in groups.values() for t in group[:self.slots]]
             for key, group in groups.items():
                 if group[self.slots:]:
+                    self._ensure()
                     ray.get(self._coordinator.add_waiting.remote(
                         key, [t.spec for t in group[self.slots:]]))
+                    self._queued.setdefault(key, []).extend(t.trial_id for t in group[self.slots:])
         # Spread over the workers, unless a pack must stay what it was (PBT's populations): a
         # resumed sweep plans its unfinished trials again, and must cut the same packs.
         spread = 1 if self.scheduler.keeps_packs else self.num_workers
+        self._packed.update(t.trial_id for t in first)
         return plan(first, self.config.pack.max_adapters, spread, **self._memory)
 
     def dispatch_options(self) -> dict:
@@ -122,6 +148,7 @@ class SearchRun:
     def _waiting_packs(self) -> list[Pack]:
         import ray
 
+        self._ensure()
         waiting = ray.get(self._coordinator.waiting.remote())
         if not waiting:
             return []
@@ -130,6 +157,7 @@ class SearchRun:
         for group in waiting:
             specs = ray.get(self._coordinator.take.remote(group, self.config.pack.max_adapters))
             trials = [dataclasses.replace(by_id[s.trial_id], spec=s) for s in specs]
+            self._packed.update(t.trial_id for t in trials)
             packs += plan(trials, self.config.pack.max_adapters, 1, **self._memory)
         for p in packs:
             self._new_packs[p.pack_id] = [t.trial_id for t in p.trials]
@@ -144,11 +172,20 @@ class SearchRun:
         self._new_trials, self._new_packs = [], {}
         return trials, packs
 
-    def on_metrics(self, trial_id: str, step: int, metrics: dict) -> None:
-        """A streamed metrics point (Optuna's intermediate values)."""
+    def on_metrics(self, trial_id: str, step: int, metrics: dict, pack_id: str = "") -> None:
+        """A streamed metrics point (Optuna's intermediate values; a live scheduler's journal)."""
+        if self.scheduler.live:
+            self._seen[trial_id] = pack_id
+            if "eval_loss" in metrics:
+                self._journal.append(("report", trial_id, step, {
+                    k: v for k, v in metrics.items() if isinstance(v, int | float)}))
         value = self.objective.value(metrics)
         if value is not None:
             self.searcher.on_trial_result(trial_id, step, value)
+
+    def on_trial_end(self, trial_id: str) -> None:
+        """A trial's end as streamed (the journal's order: a coordinator forgets it from here)."""
+        self._journal.append(("end", trial_id))
 
     def on_outcome(self, outcome, max_retries: int = 0) -> None:
         """A pack's outcome, before the driver records it. Trials that were backfilled into a
@@ -159,6 +196,7 @@ class SearchRun:
             from qlora import TrialResult
 
             ended = [r.trial_id for r in outcome.results] + list(outcome.retried)
+            self._ensure()
             _, given_up = ray.get(self._coordinator.orphans.remote(
                 outcome.pack_id, ended + sorted(self._ended), max_retries))
             outcome.results.extend(
@@ -167,6 +205,7 @@ class SearchRun:
                 for tid in given_up)
         for result in outcome.results:
             self._ended.add(result.trial_id)
+            self._journal.append(("end", result.trial_id))
             self.searcher.on_trial_complete(result.trial_id, result.status,
                                             self.objective.of_result(result))
 
@@ -177,8 +216,49 @@ class SearchRun:
         if trial_id not in self._stops:
             import ray
 
-            self._stops = ray.get(self._coordinator.stops.remote())
+            self._ensure()
+            self._stops.update(ray.get(self._coordinator.stops.remote()))
         return self._stops.get(trial_id)
+
+    def watch(self, every_s: float = 2.0) -> None:
+        """From the driver's loop: restore the coordinator if Ray restarted it (`_ensure`),
+        asking at most every `every_s`, and keep its decisions so far."""
+        import time
+
+        if self._coordinator is None or time.monotonic() - self._checked < every_s:
+            return
+        import ray
+
+        self._ensure()
+        self._stops.update(ray.get(self._coordinator.stops.remote()))
+
+    def _ensure(self) -> None:
+        """Give a coordinator Ray restarted the sweep's state as this driver saw it."""
+        import time
+
+        import ray
+
+        self._checked = time.monotonic()
+        incarnation, restored = ray.get(self._coordinator.incarnation.remote())
+        if self._incarnation is None or restored:
+            self._incarnation = incarnation
+            return
+        by_id = {t.trial_id: t for t in self.trials}
+        started = set(self._seen) | self._ended
+        waiting = {group: [by_id[t].spec for t in ids if t not in started and t not in self._packed]
+                   for group, ids in self._queued.items()}
+        handed: dict[str, list] = {}
+        for group, ids in self._queued.items():
+            for tid in ids:
+                if tid in self._seen and tid not in self._packed and tid not in self._ended:
+                    handed.setdefault(self._seen[tid], []).append((group, by_id[tid].spec))
+        ray.get(self._coordinator.restore.remote(
+            [(t.trial_id, t.spec.max_steps) for t in self.trials],
+            {g: specs for g, specs in waiting.items() if specs}, handed, self._journal))
+        self._incarnation = incarnation
+        print(f"note: the search's coordinator was lost and restarted; restored from the driver "
+              f"({len(self._journal)} evaluations and ends, "
+              f"{sum(len(v) for v in waiting.values())} trials waiting)", flush=True)
 
     def params(self) -> dict:
         """What the parent run records about the search, besides the sweep's definition."""

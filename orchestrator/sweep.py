@@ -343,10 +343,11 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
                 if isinstance(ev, MetricsEvent):
                     tracker.log_metrics(ev.trial_id, ev.step, ev.metrics, ev.time)
                     console.metrics(ev.trial_id, ev.step, ev.metrics)
-                    search.on_metrics(ev.trial_id, ev.step, ev.metrics)
+                    search.on_metrics(ev.trial_id, ev.step, ev.metrics, ev.pack_id)
                 elif isinstance(ev, PackStarted):
                     console.pack_started(ev.pack_id, pack_trials[ev.pack_id], ev.placement)
                 elif isinstance(ev, TrialEnded):
+                    search.on_trial_end(ev.trial_id)
                     if ev.trial_id not in announced:  # a retried pack reports a trial again
                         announced.add(ev.trial_id)
                         stop = (search.stop_of(ev.trial_id)
@@ -375,5 +376,6 @@ def _run(packs: list[Pack], workers, trials: list[Trial], tracker: Tracker, cons
                         rows[trial.trial_id] = record_trial(
                             trial, result, ev, tracker, out_dir / folders[trial.trial_id], stop,
                             storage_root)
+            search.watch()
             tracker.flush()
     return [rows[t.trial_id] for t in trials if t.trial_id in rows]

@@ -16,10 +16,17 @@ talks to it through `WorkerHooks`, plugged into the engine's callbacks:
 The driver fills the queue (`add_waiting`) and reads the decisions (`stops`) to tag the runs.
 Trials backfilled into a pack whose worker was lost are put back in the queue (`orphans`): they
 continue from their checkpoints in whichever pack takes them next.
+
+Losing it (its process or its node) loses nothing: Ray restarts it (`max_restarts`, calls in
+flight retried), and the new one holds every worker's call (`HOLD_S` at most) until the driver
+has given it back the sweep's state as the driver saw it (`restore`: the trials, those still
+waiting, those backfilled into each pack, every evaluation and every end in the order they came).
 """
 
 from __future__ import annotations
 
+import threading
+import uuid
 from collections import deque
 
 from orchestrator.search.asha import Asha, AshaScheduler
@@ -29,6 +36,30 @@ from orchestrator.search.schedulers import Fifo
 from orchestrator.search.trials import pack_key
 from qlora.config import BaseSpec, TrialSpec
 from qlora.exploit import Exploit
+
+HOLD_S = 120.0  # how long a restarted coordinator makes a worker wait for the driver's restore
+
+
+def _locked(method):
+    """One call at a time (the actor runs calls in threads, so that a held call does not block
+    the driver's `restore`); `hold` ones first wait for a restarted actor's restore."""
+    def call(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    call.__name__, call.__doc__ = method.__name__, method.__doc__
+    return call
+
+
+def _held(method):
+    locked = _locked(method)
+
+    def call(self, *args, **kwargs):
+        self._restored.wait(HOLD_S)
+        return locked(self, *args, **kwargs)
+
+    call.__name__, call.__doc__ = method.__name__, method.__doc__
+    return call
 
 
 class SearchCoordinator:
@@ -43,14 +74,49 @@ class SearchCoordinator:
         self._handed: dict[str, list[TrialSpec]] = {}  # pack id -> trials backfilled into it
         self._group_of: dict[str, str] = {}  # trial -> its group, for one handed out
         self._requeued: dict[str, int] = {}
+        self._incarnation = uuid.uuid4().hex
+        self._lock = threading.RLock()  # an actor of several threads: one call at a time in here
+        self._restored = threading.Event()  # a restarted one waits for the driver's `restore`
+        if not _restarted():
+            self._restored.set()
+
+    # -- after a restart -----------------------------------------------------------------------
+
+    def incarnation(self) -> tuple[str, bool]:
+        """Which life of the actor this is (a new id after each restart), and whether it holds
+        the sweep's state (False: restarted, waiting for the driver's `restore`)."""
+        return self._incarnation, self._restored.is_set()
+
+    @_locked
+    def restore(self, trials: list[tuple[str, int]], waiting: dict[str, list[TrialSpec]],
+                handed: dict[str, list[tuple[str, TrialSpec]]], journal: list[tuple]) -> None:
+        """The sweep's state, from the driver: the trials, those waiting per group, those
+        backfilled into each pack (group, spec), and the journal of evaluations
+        ("report", trial, step, metrics) and ends ("end", trial) in the order they came."""
+        self.add_trials(trials)
+        for group, specs in waiting.items():
+            self.add_waiting(group, specs)
+        for pack_id, items in handed.items():
+            for group, spec in items:
+                self._handed.setdefault(pack_id, []).append(spec)
+                self._group_of[spec.trial_id] = group
+        for entry in journal:
+            if entry[0] == "report":
+                self._report(*entry[1:])
+                self._scheduler.pending()  # as the workers ask between their evaluations
+            else:
+                self._scheduler.on_trial_complete(entry[1])
+        self._restored.set()
 
     # -- from the driver ------------------------------------------------------------------------
 
+    @_locked
     def add_trials(self, items: list[tuple[str, int]]) -> None:
         """Make trials known to the scheduler: (trial_id, max_steps) of every trial to run."""
         for trial_id, max_steps in items:
             self._scheduler.add_trial(trial_id, max_steps)
 
+    @_locked
     def add_waiting(self, group: str, specs: list[TrialSpec], front: bool = False) -> None:
         """Queue trials for backfill into packs of `group`."""
         queue = self._waiting.setdefault(group, deque())
@@ -59,19 +125,23 @@ class SearchCoordinator:
         else:
             queue.extend(specs)
 
+    @_locked
     def take(self, group: str, n: int) -> list[TrialSpec]:
         """Up to `n` waiting trials of `group`, out of the queue (for a new pack)."""
         queue = self._waiting.get(group, deque())
         return [queue.popleft() for _ in range(min(n, len(queue)))]
 
+    @_locked
     def waiting(self) -> dict[str, int]:
         """How many trials wait, per group."""
         return {g: len(q) for g, q in self._waiting.items() if q}
 
+    @_locked
     def stops(self) -> dict:
         """Every trial the scheduler stopped, with its rung and reason (`asha.Stop`)."""
         return self._scheduler.stops()
 
+    @_locked
     def orphans(self, pack_id: str, ended: list[str], max_requeues: int) -> tuple[list, list]:
         """Trials backfilled into the lost pack `pack_id` that the driver has no result for
         (`ended` lists those it has): queued again at the front while they have requeues left.
@@ -95,11 +165,16 @@ class SearchCoordinator:
 
     # -- from the workers -----------------------------------------------------------------------
 
+    @_held
     def report(self, trial_id: str, step: int, metrics: dict) -> bool:
         """An evaluation of `trial_id` at `step` (its metrics): True if the trial must stop now."""
+        return self._report(trial_id, step, metrics)
+
+    def _report(self, trial_id: str, step: int, metrics: dict) -> bool:
         loss = self._objective.loss(self._objective.value(metrics))
         return self._scheduler.on_trial_result(trial_id, step, loss).action == STOP
 
+    @_held
     def round(self, evaluated: list[tuple]) -> dict[str, Exploit]:
         """A pack's round of evaluations, [(trial_id, step, metrics, values, form, max_steps)]:
         the trials that take another's state, as the engine's `Exploit`s."""
@@ -110,10 +185,14 @@ class SearchCoordinator:
                 for tid, d in self._scheduler.on_pack_results(reports).items()
                 if d.action == EXPLOIT}
 
+    @_locked
     def pending_stops(self) -> list[str]:
         """Trials that must stop (ruled out at a rung, possibly after they passed it)."""
+        if not self._restored.is_set():
+            return []
         return self._scheduler.pending()
 
+    @_held
     def next_trial(self, pack_id: str, group: str) -> TrialSpec | None:
         """The next waiting trial for a freed slot in `pack_id` (of `group`), or None."""
         queue = self._waiting.get(group)
@@ -124,9 +203,20 @@ class SearchCoordinator:
         self._group_of[spec.trial_id] = group
         return spec
 
+    @_held
     def ended(self, trial_id: str) -> None:
         """A trial ended in a worker (whatever its status)."""
         self._scheduler.on_trial_complete(trial_id)
+
+
+def _restarted() -> bool:
+    """True in an actor Ray restarted after its process or node was lost."""
+    try:
+        import ray
+
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not in an actor (tests build the coordinator directly)
+        return False
 
 
 class WorkerHooks:
@@ -171,6 +261,10 @@ class WorkerHooks:
         import ray
 
         spec = ray.get(self._coordinator.next_trial.remote(self._pack_id, self._group))
+        while spec is not None and spec.trial_id in self._max_steps:
+            # Already here: handed out just before a lost coordinator, and queued again by the
+            # driver, which had not seen it train yet. Ask for the next one.
+            spec = ray.get(self._coordinator.next_trial.remote(self._pack_id, self._group))
         if spec is not None:
             self.backfilled.append(spec)
             self._max_steps[spec.trial_id] = spec.max_steps

@@ -199,3 +199,50 @@ def test_logged_params_are_what_ran(asha_run):
     # ASHA evaluates at its rungs (steps 2 and 4 of 8) though the config says every 4 steps.
     assert {row["trained"]["eval_every"] for row in asha_run.summary["trials"]} == {2}
     assert tiny_sweeps.assert_params_are_what_ran(asha_run) == len(asha_run.children)
+
+
+@pytest.mark.slow
+def test_a_coordinator_lost_mid_sweep_is_restored_and_decides_the_same(asha_run, tmp_path,
+                                                                        capsys):
+    """The coordinator's process is killed (`kill -9`) once trials have reported at a rung:
+    Ray restarts it, the driver gives it back what it saw, and the sweep ends as the one that
+    lost nothing: the same trials stopped at the same rungs, the others finished, one pack."""
+    import sqlite3
+    import threading
+    import time
+
+    import psutil
+
+    killed: list = []
+
+    def kill_after_two_evaluations() -> None:
+        db, deadline = tmp_path / "mlflow.db", time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with sqlite3.connect(db) as con:
+                    [(n,)] = con.execute("select count(*) from metrics where key = 'eval_loss'")
+            except sqlite3.Error:
+                n = 0
+            if n >= 2:
+                break
+            time.sleep(0.05)
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if child.cmdline()[0].startswith("ray::SearchCoordinator"):
+                    child.kill()
+                    killed.append(child.pid)
+            except (psutil.Error, IndexError):
+                pass
+
+    thread = threading.Thread(target=kill_after_two_evaluations, daemon=True)
+    thread.start()
+    run = tiny_sweeps.run(tmp_path, tiny_sweeps.config(tmp_path, tiny_sweeps.asha_sweep()))
+    thread.join(5)
+    assert killed and run.exit_code == 0
+    assert "the search's coordinator was lost and restarted; restored" in capsys.readouterr().out
+    want, got = asha_run.rows(), run.rows()
+    assert set(got) == set(want)
+    for tid, row in got.items():
+        assert (row["status"], row.get("stopped_at_rung")) == (
+            want[tid]["status"], want[tid].get("stopped_at_rung")), tid
+    assert len({r.data.tags[PACK_TAG] for r in run.children.values()}) == 1
