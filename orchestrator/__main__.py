@@ -66,8 +66,9 @@ def _start_and_check_trials(config: Config):
     modules, its data tokenized (`orchestrator.preflight.check_trials`). Returns the start."""
     from orchestrator.cluster.background import abandon, start_connect
     from orchestrator.preflight import check_trials
+    from orchestrator.search.expand import first_workers
 
-    cluster = start_connect(config.cluster)
+    cluster = start_connect(config.cluster, first_workers(config))
     try:
         check_trials(config)
     except BaseException as e:

@@ -60,7 +60,7 @@ from orchestrator.config.schema import Config
 from orchestrator.console import Console
 from orchestrator.finish import finish_sweep
 from orchestrator.planner import Pack
-from orchestrator.search.expand import expand, skipped
+from orchestrator.search.expand import expand, first_workers, skipped
 from orchestrator.search.objective import Objective
 from orchestrator.search.params import normalize
 from orchestrator.search.resume_trial import resume_config, resume_path
@@ -100,7 +100,7 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
     docstring); if there is none, a note says so and a new sweep starts. `cluster` may be a
     `start_connect(config.cluster)` the caller began already (the CLI does, before importing this).
     """
-    cluster = cluster or start_connect(config.cluster)
+    cluster = cluster or start_connect(config.cluster, first_workers(config))
     try:
         config = resume_config(normalize(config))  # resume=PATH: that one trial, from its folder
         trials = expand(config)

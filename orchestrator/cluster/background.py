@@ -17,19 +17,25 @@ from orchestrator.config.schema import ClusterCfg
 PARK_S = 0.5
 
 
-def start_connect(cluster: ClusterCfg) -> Future:
-    """`connect(cluster)` running in a thread; its result is the WorkerPlan (or its error)."""
+def start_connect(cluster: ClusterCfg, workers: int = 0) -> Future:
+    """`connect(cluster)` running in a thread; its result is the WorkerPlan (or its error). With
+    `workers`, up to that many of the plan's workers are created at once (`prestart`): their
+    imports then overlap the driver's own setup (the tracking store, the planner)."""
     future: Future = Future()
-    threading.Thread(target=_connect, args=(cluster, future), name="ray-start",
+    threading.Thread(target=_connect, args=(cluster, future, workers), name="ray-start",
                      daemon=True).start()
     return future
 
 
-def _connect(cluster: ClusterCfg, future: Future) -> None:
+def _connect(cluster: ClusterCfg, future: Future, workers: int = 0) -> None:
     from orchestrator.cluster.connect import connect
 
     try:
         plan = connect(cluster)
+        if workers:
+            from orchestrator.cluster.dispatch import prestart
+
+            plan.prestarted = prestart(plan, workers)
     except BaseException as e:
         future.set_exception(e)
         return

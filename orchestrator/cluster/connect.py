@@ -42,6 +42,9 @@ class WorkerPlan:
     address: str
     owns_ray: bool  # connect() called ray.init, so disconnect() shuts it down
     resources: dict[str, float] = field(default_factory=dict)
+    # workers created as soon as Ray is up (orchestrator.cluster.dispatch.prestart), so that
+    # their imports overlap the driver's setup; taken by `dispatch`, else killed by disconnect
+    prestarted: object | None = None
 
 
 #: Warnings Ray prints on every local start that ask nothing of the user: token auth turned on
@@ -133,7 +136,11 @@ def _outlive_the_head(lost_timeout_s: float) -> None:
 
 
 def disconnect(plan: WorkerPlan) -> None:
-    """Shut Ray down if `connect` started or joined it; leave a Ray it found running alone."""
+    """Shut Ray down if `connect` started or joined it; leave a Ray it found running alone (less
+    the workers started for this sweep that it never used)."""
+    if plan.prestarted is not None:
+        plan.prestarted.release()
+        plan.prestarted = None
     if plan.owns_ray and ray.is_initialized():
         ray.shutdown()
 

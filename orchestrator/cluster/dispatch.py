@@ -56,6 +56,27 @@ TEARDOWN_WAIT_S = 3.0  # how long the end of a sweep waits for its workers to be
 
 
 @dataclass
+class Prestarted:
+    """The stream's queue and workers created before the packs were known (`prestart`)."""
+
+    queue: Queue
+    slots: list
+
+    def release(self) -> None:
+        """Kill what no `dispatch` took (a sweep that stopped before it dispatched)."""
+        _kill([s.worker for s in self.slots] + [self.queue.actor], wait_s=TEARDOWN_WAIT_S)
+        self.slots = []
+
+
+def prestart(plan: WorkerPlan, workers: int) -> Prestarted:
+    """The queue and min(`workers`, plan.num_workers) workers, asked of Ray now: each imports
+    the engine (`PackWorker.warm`) while the driver opens its tracking store and plans."""
+    queue = _driver_queue(plan)
+    return Prestarted(queue, [_new_slot(plan, i, queue)
+                              for i in range(min(workers, plan.num_workers))])
+
+
+@dataclass
 class _Slot:
     """One of the sweep's workers: its actor, and while Ray has not placed it, since when."""
 
@@ -89,8 +110,13 @@ def dispatch(packs: list[Pack], plan: WorkerPlan, poll_s: float = POLL_INTERVAL_
     """
     if not packs:
         return
-    queue = _driver_queue(plan)
-    slots = [_new_slot(plan, i, queue) for i in range(min(plan.num_workers, len(packs)))]
+    pre, plan.prestarted = plan.prestarted, None
+    queue = pre.queue if pre is not None else _driver_queue(plan)
+    wanted = min(plan.num_workers, len(packs))
+    slots = list(pre.slots[:wanted]) if pre is not None else []
+    if pre is not None:
+        _kill([s.worker for s in pre.slots[wanted:]], wait_s=0)  # more than the packs need
+    slots += [_new_slot(plan, i, queue) for i in range(len(slots), wanted)]
     idle: deque[int] = deque()  # placed workers with nothing to do
     todo = deque(packs)
     running: dict[ray.ObjectRef, tuple[int, Pack]] = {}

@@ -65,6 +65,19 @@ def expand(cfg: Config) -> list[Trial]:
     return [make_trial(config, params, tid, taken=twins) for tid, params, config in drafts]
 
 
+def first_workers(cfg: Config) -> int:
+    """How many workers the sweep's first packs can keep busy (a pack per `pack.max_adapters`
+    trials), for the workers created while the driver sets up (`start_connect`); 0 if unknown."""
+    try:
+        if cfg.sweep.strategy == "optuna":
+            n = cfg.sweep.num_trials or 1
+        else:
+            n = len(_combos(cfg))
+    except Exception:  # noqa: BLE001 - params not checked yet: they fail where they are checked
+        return 0
+    return max(1, math.ceil(n / max(1, cfg.pack.max_adapters)))
+
+
 def _combos(cfg: Config) -> list[dict[str, Any]]:
     """The swept values of each trial of a grid or random sweep, in order."""
     sweep = cfg.sweep
