@@ -51,9 +51,11 @@ def adapter_source(source: str, tracking_uri: str, dst: Path) -> tuple[Path, dic
         return folder, lineage
     import mlflow
 
-    from orchestrator.load import resolve, store_client
+    from orchestrator.load import disagreements, resolve, store_client
 
-    _, artifacts, lineage, _ = resolve(store_client(tracking_uri), source)
+    _, artifacts, lineage, version = resolve(store_client(tracking_uri), source)
+    for note in disagreements(version, lineage) if version is not None else []:
+        print(f"warning: {source}: {note}", file=sys.stderr)
     got = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifacts, dst_path=str(dst),
                                                    tracking_uri=tracking_uri))
     if not (got / "adapter_config.json").is_file():

@@ -103,6 +103,12 @@ def test_version_tags_that_disagree_with_the_run_are_reported_not_followed(optun
         assert not loaded.base.spec.trust_remote_code
         assert main([ref, "--tracking-uri", uri, "--prompt", "abc", "--max-new-tokens", "1",
                      "--device", "cpu"]) == 0
+        from orchestrator.export import BASE_FILE
+        from orchestrator.export import main as export
+
+        assert export([ref, str(tmp_path / "exported"), "--tracking-uri", uri]) == 0
+        written = json.loads((tmp_path / "exported" / BASE_FILE).read_text())
+        assert written["base_model"] == "tiny" and written["base_commit"] == commit
     finally:
         client.set_model_version_tag(name, version.version, "qlora.base_model", "tiny")
         client.set_model_version_tag(name, version.version, "qlora.base_trust_remote_code",
@@ -111,3 +117,4 @@ def test_version_tags_that_disagree_with_the_run_are_reported_not_followed(optun
     assert (f"warning: {ref}: tag qlora.base_model={forged['qlora.base_model']} disagrees with "
             f"run {version.run_id}'s record (tiny); the run's record is used") in err
     assert "tag qlora.base_trust_remote_code=True disagrees" in err
+    assert err.count(f"tag qlora.base_model={forged['qlora.base_model']} disagrees") == 2  # export
