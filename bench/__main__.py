@@ -1,10 +1,13 @@
 """`make bench`: the engine's ratios on this machine, printed as a table and saved as JSON.
 
-    python -m bench                  # CPU: tiny and wide shapes (about 6 minutes on 2 cores)
+    python -m bench                  # CPU: both shapes, both kinds of data, 3 runs of each
     python -m bench --gpu            # GPU: Llama-3-8B-shaped model (see bench/gpu.py)
-    python -m bench --quick          # tiny only, fewer steps and K values, for a smoke run
+    python -m bench --quick          # tiny only, fewer steps and K values, 1 run, for a smoke run
+    python -m bench --runs 5 --kinds text
 
-Every row is a ratio of two measurements taken in this same run, each in its own subprocess.
+Every row is a ratio of two measurements taken in this same run, each in its own subprocess,
+`--runs` times (packed and recipe alternating, so drift touches both alike): figures are the
+median with [min-max]; a ratio is the median of the per-run ratios.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -30,36 +34,57 @@ def _machine() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, 1 thread"
 
 
-def packing_rows(base_args: dict, ks: list[int]) -> list[dict]:
+def spread(values: list[float]) -> dict:
+    """The median of `values` with their min and max."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": list(values)}
+
+
+def shown(s: dict, fmt: str = ".1f") -> str:
+    return f"{s['median']:{fmt}} [{s['min']:{fmt}}-{s['max']:{fmt}}]"
+
+
+def side_by_side(runs: int, a: tuple[str, dict], b: tuple[str, dict]) -> list[tuple[dict, dict]]:
+    """Cases `a` and `b`, `runs` times each, alternating: [(a's result, b's result), ...]."""
+    return [(run_case(*a), run_case(*b)) for _ in range(runs)]
+
+
+def packing_rows(base_args: dict, ks: list[int], runs: int) -> list[dict]:
     """Packed K vs the standard recipe run K times in a row, each loading its base."""
     rows = []
     for k in ks:
         args = {**base_args, "k": k}
-        packed, recipe = run_case("packed", args), run_case("recipe", args)
+        pairs = side_by_side(runs, ("packed", args), ("recipe", args))
         rows.append({
-            "shape": args["model"], "K": k, "packed_s": packed["wall_s"],
-            "recipe_s": recipe["wall_s"], "wall_ratio": packed["wall_s"] / recipe["wall_s"],
-            "packed_peak_MiB": packed["peak_bytes"] / 2**20,
-            "recipe_peak_MiB": recipe["peak_bytes"] / 2**20,
-            "estimate_MiB": packed["estimate_bytes"] / 2**20,
-            "measured_MiB": packed["pack_peak_bytes"] / 2**20,
-            "estimate_ratio": packed["estimate_bytes"] / packed["pack_peak_bytes"],
+            "shape": args["model"], "kind": args["kind"], "K": k, "runs": runs,
+            "packed_s": spread([p["wall_s"] for p, _ in pairs]),
+            "recipe_s": spread([r["wall_s"] for _, r in pairs]),
+            "wall_ratio": spread([p["wall_s"] / r["wall_s"] for p, r in pairs]),
+            "packed_peak_MiB": spread([p["peak_bytes"] / 2**20 for p, _ in pairs]),
+            "recipe_peak_MiB": spread([r["peak_bytes"] / 2**20 for _, r in pairs]),
+            "estimate_MiB": pairs[0][0]["estimate_bytes"] / 2**20,
+            "measured_MiB": spread([p["pack_peak_bytes"] / 2**20 for p, _ in pairs]),
+            "estimate_ratio": spread([p["estimate_bytes"] / p["pack_peak_bytes"]
+                                      for p, _ in pairs]),
         })
         r = rows[-1]
-        print(f"  {args['model']:4s} K={k}: packed {r['packed_s']:5.1f}s vs recipe x{k} "
-              f"{r['recipe_s']:5.1f}s -> x{r['wall_ratio']:.2f} wall | peak RSS "
-              f"{r['packed_peak_MiB']:.0f} vs {r['recipe_peak_MiB']:.0f} MiB | estimate "
-              f"{r['estimate_MiB']:.0f} vs measured {r['measured_MiB']:.0f} MiB "
-              f"(x{r['estimate_ratio']:.2f})", flush=True)
+        print(f"  {args['model']:4s} {args['kind']:11s} K={k}: packed {shown(r['packed_s'])}s vs "
+              f"recipe x{k} {shown(r['recipe_s'])}s -> x{shown(r['wall_ratio'], '.2f')} wall | "
+              f"peak RSS {r['packed_peak_MiB']['median']:.0f} vs "
+              f"{r['recipe_peak_MiB']['median']:.0f} MiB | estimate {r['estimate_MiB']:.0f} vs "
+              f"measured {shown(r['measured_MiB'], '.0f')} MiB "
+              f"(x{shown(r['estimate_ratio'], '.2f')})", flush=True)
     return rows
 
 
-def step_row(base_args: dict) -> dict:
+def step_row(base_args: dict, runs: int) -> dict:
     """One adapter's step: this engine vs the standard recipe (steps 2..N, loads excluded)."""
     args = {**base_args, "k": 1}
-    ours, theirs = run_case("engine_one", args), run_case("recipe", args)
-    return {"shape": args["model"], "engine_step_s": ours["step_s"],
-            "recipe_step_s": theirs["step_s"], "step_ratio": ours["step_s"] / theirs["step_s"]}
+    pairs = side_by_side(runs, ("engine_one", args), ("recipe", args))
+    return {"shape": args["model"], "kind": args["kind"], "runs": runs,
+            "engine_step_s": spread([o["step_s"] for o, _ in pairs]),
+            "recipe_step_s": spread([t["step_s"] for _, t in pairs]),
+            "step_ratio": spread([o["step_s"] / t["step_s"] for o, t in pairs])}
 
 
 def profile_row(base_args: dict) -> dict:
@@ -92,8 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="run the GPU benchmark (bench/gpu.py)")
-    parser.add_argument("--quick", action="store_true", help="fewer steps and K values")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and K values, 1 run")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="runs of every measurement, in fresh processes (default 3; 1 with "
+                             "--quick)")
+    parser.add_argument("--kinds", default="instruction,text",
+                        help="kinds of data: instruction (bundled rows, prompt masked) and/or "
+                             "text (full-length rows, loss on every token)")
     opts = parser.parse_args(argv)
+    runs = opts.runs or (1 if opts.quick else 3)
+    kinds = [k for k in opts.kinds.split(",") if k]
     if opts.gpu:
         from .gpu import main as gpu_main
 
@@ -107,24 +140,31 @@ def main(argv: list[str] | None = None) -> int:
           f"gradient checkpointing, batch {args['micro_batch']} x {args['seq_len']}, "
           f"{args['steps']} steps per trial; shapes {', '.join(shapes)}", flush=True)
     for shape in shapes:  # build the models and the tokenized-data cache outside every timer
-        run_case("packed", {**args, "model": shape, "k": 1, "steps": 1})
+        for kind in kinds:
+            run_case("packed", {**args, "model": shape, "kind": kind, "k": 1, "steps": 1})
     print("1. packed K vs the standard recipe (transformers+peft+bnb) K times in a row, each "
           "loading its base; wall with loads; estimate vs measured = the pack's RSS above the "
           "process's RSS before its base loaded", flush=True)
     report = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "args": args,
-              "packing": [row for shape in shapes
-                          for row in packing_rows({**args, "model": shape}, ks)]}
+              "runs": runs, "kinds": kinds,
+              "packing": [row for kind in kinds for shape in shapes
+                          for row in packing_rows({**args, "model": shape, "kind": kind}, ks,
+                                                  runs)]}
     print("2. one adapter's step time (K=1, steps 2..N): this engine vs the standard recipe",
           flush=True)
     report["step"] = []
-    for shape in shapes:
-        report["step"].append(r := step_row({**args, "model": shape}))
-        print(f"  {shape:4s}: {r['engine_step_s'] * 1e3:.0f} ms vs {r['recipe_step_s'] * 1e3:.0f}"
-              f" ms -> x{r['step_ratio']:.2f}", flush=True)
+    for kind in kinds:
+        for shape in shapes:
+            report["step"].append(r := step_row({**args, "model": shape, "kind": kind}, runs))
+            ms = {k: {s: v * 1e3 for s, v in r[k].items() if s != "runs"}
+                  for k in ("engine_step_s", "recipe_step_s")}
+            print(f"  {shape:4s} {kind:11s}: {shown(ms['engine_step_s'], '.0f')} ms vs "
+                  f"{shown(ms['recipe_step_s'], '.0f')} ms -> x{shown(r['step_ratio'], '.2f')}",
+                  flush=True)
     print("3. where a packed run's time goes (K=4; labels nest: base_linear and lora run inside "
           "forward, and again inside backward when checkpointing recomputes the blocks)",
           flush=True)
-    report["profile"] = p = profile_row(args)
+    report["profile"] = p = profile_row({**args, "kind": kinds[0]})
     for label, share in sorted(p["share"].items(), key=lambda kv: -kv[1]):
         print(f"  {label:36s} {share:6.1%}")
     print("4. data packing: padding per batch of 4 on the bundled dataset", flush=True)

@@ -5,7 +5,10 @@ its peak memory (CUDA: `max_memory_allocated`; CPU: peak RSS) is its own and one
 cannot flatter the next. Needs only torch, transformers, peft, bitsandbytes: no Ray or MLflow.
 
 Every trial: r=16, alpha 16, dropout 0, its own seed, fp32 compute, NF4 + double quant, gradient
-checkpointing, paged AdamW 32-bit, the bundled data at the given seq_len and micro-batch.
+checkpointing, paged AdamW 32-bit, at the given seq_len and micro-batch, on one of two kinds of
+data (`kind`): `instruction`, the bundled rows with the prompt masked (the engine forms logits
+only where labels are kept, HF's loss everywhere), or `text`, the Brown corpus's samples as
+full-length rows with the loss on every token (`data.format=text`, `train_on_prompt`).
 
 Cases:
 - `packed`    : K trials trained together on one base, load, final evaluation and adapter export
@@ -41,6 +44,23 @@ def model_source(shape: str) -> str:
     return str(tiny_model_path(**SHAPES[shape]))
 
 
+def text_data() -> str:
+    """The Brown corpus's 500 samples as a JSONL of {"text": ...} rows, each far longer than
+    any bench seq_len: every row is full (built once in the model cache)."""
+    from qlora.tiny import build_once, cache_root
+
+    from .corpus import samples
+
+    out = cache_root() / "bench" / "brown-text"
+
+    def write(tmp) -> None:
+        with open(tmp / "train.jsonl", "w") as f:
+            for _, text in samples():
+                f.write(json.dumps({"text": text}) + "\n")
+
+    return str(build_once(out, write, lambda p: (p / "train.jsonl").is_file()) / "train.jsonl")
+
+
 def _peak_bytes() -> int:
     """The process's peak: CUDA max allocated, or its RSS high-water (runtime included)."""
     from qlora.memory import peak_bytes
@@ -60,7 +80,11 @@ def _setup(args: dict):
 
     base = BaseSpec(name_or_path=model_source(args["model"]), compute_dtype=args["dtype"],
                     gradient_checkpointing=True)
-    data = DataSpec(seq_len=args["seq_len"], max_eval_examples=8, path=args.get("data"))
+    if args.get("kind", "instruction") == "text":
+        data = DataSpec(seq_len=args["seq_len"], max_eval_examples=8, path=text_data(),
+                        format="text", train_on_prompt=True)
+    else:
+        data = DataSpec(seq_len=args["seq_len"], max_eval_examples=8, path=args.get("data"))
     trials = [TrialSpec(trial_id=f"k{k}", seed=k, r=args.get("r", RANK), alpha=16.0,
                         dropout=args.get("dropout", 0.0),
                         learning_rate=1e-3, max_steps=args["steps"],
