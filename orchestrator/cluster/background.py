@@ -8,6 +8,7 @@ at module level: importing Ray itself is part of what runs in the background.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -16,12 +17,26 @@ from orchestrator.config.schema import ClusterCfg
 
 PARK_S = 0.5
 
+#: Read by Ray once, when it is imported: "0" gives a Ray started here the node address 127.0.0.1,
+#: and Ray's GCS, raylet, workers and agents then listen on the loopback address only (for any
+#: other node address they listen on every interface). Set for `cluster.address=local` alone:
+#: a node that joins a cluster needs an address the others can reach.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_only(cluster: ClusterCfg) -> None:
+    """Before Ray is imported: a local Ray listens on 127.0.0.1 only (a value the user set is
+    kept; `orchestrator.cluster.connect` warns when Ray was imported before this could act)."""
+    if cluster.address == "local":
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+
 
 def start_connect(cluster: ClusterCfg, workers: int = 0) -> Future:
     """`connect(cluster)` running in a thread; its result is the WorkerPlan (or its error). With
     `workers`, up to that many of the plan's workers are created at once (`prestart`): their
     imports then overlap the driver's own setup (the tracking store, the planner)."""
     future: Future = Future()
+    loopback_only(cluster)
     threading.Thread(target=_connect, args=(cluster, future, workers), name="ray-start",
                      daemon=True).start()
     return future

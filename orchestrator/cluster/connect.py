@@ -112,6 +112,8 @@ def connect(cluster: ClusterCfg) -> WorkerPlan:
                 "cluster.address", f"cannot start or reach Ray at {cluster.address!r}: "
                 f"{first_line(e)}{auth_hint(e)}") from e
         owns = True
+        if cluster.address == "local":
+            _warn_unless_loopback()
     try:
         resources = {k: float(v) for k, v in ray.cluster_resources().items()}
         num_workers, gpus = _resolve_workers(cluster, resources)
@@ -121,6 +123,16 @@ def connect(cluster: ClusterCfg) -> WorkerPlan:
         raise
     return WorkerPlan(num_workers=num_workers, gpus_per_worker=gpus, address=cluster.address,
                       owns_ray=owns, resources=resources)
+
+
+def _warn_unless_loopback() -> None:
+    """A Ray started here listens on every interface unless its node address is the loopback
+    one (`orchestrator.cluster.background.loopback_only`, which must act before `import ray`)."""
+    address = ray.util.get_node_ip_address()
+    if not address.startswith("127."):
+        log.warning("Ray started on %s and listens on every interface of this machine: set "
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported for 127.0.0.1 "
+                    "only", address)
 
 
 #: Ray's setting (read from the environment when this process joins) for how long a process

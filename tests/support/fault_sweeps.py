@@ -103,6 +103,21 @@ class Cli:
                 pass
         return found
 
+    def listening(self) -> list[tuple[str, str]]:
+        """(process name, address) of every socket the CLI and its processes listen on now."""
+        import psutil
+
+        self._note_family()
+        found = []
+        for process in [psutil.Process(self.proc.pid), *self.family.values()]:
+            try:
+                name = process.name()
+                found += [(name, c.laddr.ip) for c in process.net_connections(kind="inet")
+                          if c.status == psutil.CONN_LISTEN]
+            except psutil.Error:  # ended meanwhile
+                pass
+        return found
+
     def finish(self, timeout: float = 240.0) -> int:
         try:
             return self.proc.wait(timeout)

@@ -14,6 +14,7 @@ Three layers of tests, cheapest first:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import signal
@@ -477,13 +478,23 @@ def test_kill_9_of_the_driver_then_resume_runs_only_what_was_left(reference, tmp
     assert {r["trial_id"] for r in summary["trials"] if not r["dispatched"]} == set(before)
 
 
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
 @pytest.mark.slow
-def test_ctrl_c_ends_the_runs_killed_and_prints_the_command_that_resumes(tmp_path):
+def test_a_cli_sweep_listens_on_loopback_only_and_ctrl_c_ends_it_resumable(tmp_path):
     # Long enough to be still training when the second driver below has started and asked.
     extra = ("pack.max_adapters=4", "cluster.num_workers=1", "train.max_steps=400")
     cli = Cli(tmp_path, *extra)
     try:
         cli.wait_for(checkpointed(tmp_path))
+        # Its local Ray (GCS, raylet, agents, the training worker) is reachable from here alone.
+        listening = cli.listening()
+        names = {name for name, _ in listening}
+        assert {"gcs_server", "raylet"} <= names and any("PackWorker" in n for n in names), names
+        assert [(n, a) for n, a in listening if not _loopback(a)] == [], listening
         # A second driver may not take a sweep whose driver lives (the lease on its parent run).
         second = subprocess.run(
             [sys.executable, "-m", "orchestrator", *OVERRIDES, *extra, "resume=true"],
