@@ -98,9 +98,14 @@ def case_packed(args: dict) -> dict:
     from qlora import estimate_memory, load_base, train_pack
 
     spec, trials = _setup(args)
-    estimate = estimate_memory(spec, trials, device_type="cuda" if _cuda() else "cpu").total
     from qlora.memory import rss_bytes
 
+    # As the driver does (orchestrator.cluster.datashare.prepare): the data tokenized, its
+    # longest rows given to the estimate. Opening it also imports what reading it needs
+    # (pyarrow), a worker's runtime, which the estimate leaves out as it leaves torch out.
+    rows = _rows(spec, trials)
+    estimate = estimate_memory(spec, trials, device_type="cuda" if _cuda() else "cpu",
+                               rows=rows).total
     before = 0 if _cuda() else rss_bytes()
     t0 = time.perf_counter()
     base = load_base(spec)
@@ -112,6 +117,22 @@ def case_packed(args: dict) -> dict:
     return {"wall_s": wall, "load_s": t_load, "peak_bytes": _peak_bytes(),
             "pack_peak_bytes": _peak_bytes() - before, "estimate_bytes": estimate,
             "losses": [r.train_losses[-1] for r in results]}
+
+
+def _rows(spec, trials) -> dict:
+    """{DataSpec: RowTokens} of the trials' data, tokenized (or opened from the cache)."""
+    from transformers import AutoTokenizer
+
+    from qlora.base import resolve_source
+    from qlora.data import load_data
+    from qlora.memory import rows_of
+
+    tok = AutoTokenizer.from_pretrained(resolve_source(spec))
+    out = {}
+    for t in trials:
+        if t.data not in out and (row := rows_of(load_data(t.data, tok))) is not None:
+            out[t.data] = row
+    return out
 
 
 def _cuda() -> bool:

@@ -25,7 +25,8 @@ __all__ = ["MARGIN", "Pack", "estimate_bytes", "fitting", "pack_key", "plan"]
 
 
 def plan(trials: list[Trial], max_adapters: int, num_workers: int,
-         memory_budget: int | None = None, device_type: str = "cpu") -> list[Pack]:
+         memory_budget: int | None = None, device_type: str = "cpu",
+         rows: dict | None = None) -> list[Pack]:
     """Split `trials` into packs of at most `max_adapters` that share a base and a seq_len.
 
     A group of n trials becomes max(ceil(n / max_adapters), min(n, num_workers)) packs whose sizes
@@ -48,7 +49,7 @@ def plan(trials: list[Trial], max_adapters: int, num_workers: int,
     for group in groups.values():
         cap = max_adapters
         if memory_budget is not None:
-            cap = fitting(group, max_adapters, memory_budget, device_type)
+            cap = fitting(group, max_adapters, memory_budget, device_type, rows)
         for chunk in _balanced_chunks(group, _num_packs(len(group), cap, num_workers)):
             index = len(packs)
             digest = stable_hash([chunk[0].base.fingerprint(), [t.trial_id for t in chunk]], 8)
@@ -57,14 +58,17 @@ def plan(trials: list[Trial], max_adapters: int, num_workers: int,
     return packs
 
 
-def fitting(group: list[Trial], max_adapters: int, budget: int, device_type: str) -> int:
+def fitting(group: list[Trial], max_adapters: int, budget: int, device_type: str,
+            rows: dict | None = None) -> int:
     """The most adapters (1..max_adapters) of this group whose estimate, plus MARGIN, fits
-    `budget`: counted with the group's most memory-hungry trials, so any such pack fits."""
-    specs = sorted((t.spec for t in group), key=lambda s: estimate_bytes(group[0].base, [s],
-                                                                         device_type), reverse=True)
+    `budget`: counted with the group's most memory-hungry trials, so any such pack fits.
+    `rows` ({DataSpec: RowTokens}) gives the data's longest rows (else seq_len)."""
+    base = group[0].base
+    specs = sorted((t.spec for t in group),
+                   key=lambda s: estimate_bytes(base, [s], device_type, rows), reverse=True)
     k = 1
     while (k < min(max_adapters, len(specs))
-           and estimate_bytes(group[0].base, specs[:k + 1], device_type) * (1 + MARGIN) <= budget):
+           and estimate_bytes(base, specs[:k + 1], device_type, rows) * (1 + MARGIN) <= budget):
         k += 1
     return k
 

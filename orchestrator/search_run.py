@@ -49,12 +49,16 @@ def _near_the_driver(workers: WorkerPlan):
 class SearchRun:
     """The trials of one sweep as they are proposed, packed, backfilled and stopped."""
 
-    def __init__(self, config: Config, trials: list[Trial], workers: WorkerPlan):
+    def __init__(self, config: Config, trials: list[Trial], workers: WorkerPlan,
+                 rows: dict | None = None):
+        """`rows` ({DataSpec: RowTokens}, `DataShare.rows`): the data's longest rows, for the
+        planner's memory estimate."""
         self.config = config
         self.num_workers = max(1, workers.num_workers)
         self.slots = self.num_workers * config.pack.max_adapters
         self._memory = dict(memory_budget=parse_bytes(config.pack.memory_budget),
-                            device_type="cuda" if workers.gpus_per_worker else "cpu")
+                            device_type="cuda" if workers.gpus_per_worker else "cpu",
+                            rows=rows)
         self.objective = Objective.of(config)
         self.searcher: Searcher = resolve("strategy", config.sweep.strategy)(config, trials)
         self.trials: list[Trial] = self.searcher.suggest(self.round_size)  # every trial so far

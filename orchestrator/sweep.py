@@ -121,7 +121,7 @@ def run_sweep(config: Config, cluster: Future | None = None) -> int:
         return 2
     out_dir = Path(config.output_dir) / safe_name(config.sweep.name)
     try:  # the search's trials (Optuna proposes its first round here) and its coordinator
-        search = SearchRun(config, trials, workers)
+        search = SearchRun(config, trials, workers, data.rows)
     except BaseException:
         disconnect(workers)
         raise

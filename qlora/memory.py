@@ -1,7 +1,10 @@
 """Predicted peak memory of a pack, for the planner to cut packs to a device's memory.
 
-The formula (bytes; N = tokens per micro-step of one trial = micro_batch_size x seq_len, L
-layers, h hidden size, i intermediate size, V vocabulary, K trials, b = bytes of compute dtype):
+The formula (bytes; N = tokens per micro-step of one trial = micro_batch_size x the longest row
+of its training data (at most seq_len; `rows`, from `rows_of`: seq_len when not given), M =
+labels kept per micro-step = micro_batch_size x the most labels one row keeps (N when not given;
+the engine forms logits only where labels are kept), L layers, h hidden size, i intermediate
+size, V vocabulary, K trials, b = bytes of compute dtype):
 
     base         = sum over quantized linears of  n x (4 bits + block constants)     nf4/fp4
                        block constants: 32/64 bits, or 8/64 + 32/(64*256) with double quant
@@ -18,16 +21,19 @@ layers, h hidden size, i intermediate size, V vocabulary, K trials, b = bytes of
                      CUDA, checkpointing:  L x h x b (each block's input) + one block
                      CUDA, without:        L x block
                      CPU:                  1.2 x L x block with checkpointing, 1.4 x without
-    logits       = max_k N_k x V x 4 x 3   (fp32 logits, softmax and its gradient, one trial at a
+    logits       = max_k M_k x V x 4 x 3   (fp32 logits, softmax and its gradient, one trial at a
                    time since losses are formed per segment)
     overhead     = CUDA: a fixed 0.6 GiB (context, cuBLAS workspace, allocator slack)
-                   CPU:  36 MiB (what the first load and step add to a process's RSS besides
-                         tensors) + the quantized linears at n x b (their 16/32-bit weights are
-                         read before quantization, and the allocator keeps those pages)
+                   CPU:  28 MiB (what the first load and step add to a process's RSS besides
+                         tensors) + 3 MiB per trial (its optimizer's and autograd's bookkeeping)
+                         + the quantized linears at n x b (their 16/32-bit weights are read
+                         before quantization, and the allocator keeps those pages)
 
 What it predicts on a CPU is the process's RSS high-water above its RSS before the base loaded
 (the Python and torch runtime left out); on CUDA, `torch.cuda.max_memory_allocated` plus the
-overhead. The CPU activation factors and the 36 MiB are fitted to `make bench`'s CPU rows: a
+overhead. The CPU activation factors, the 28 MiB and the 3 MiB per trial are fitted to
+`make bench`'s CPU rows (both shapes, both kinds of data, K = 1 to 8; 2026-12-07), with the
+runtime being what a worker imports before any pack (torch, transformers, pyarrow): a
 CPU allocator keeps the pages of the checkpointed recompute and of the backward pass, so the
 RSS high-water exceeds a whole un-checkpointed graph's activations even with checkpointing
 (BENCHMARKS.md gives estimate against measured). The GPU terms are not yet checked against a GPU run. It is an estimate, not a bound:
@@ -36,13 +42,15 @@ the planner keeps a safety margin, and a pack that still runs out of memory is s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from .config import BaseSpec, TrialSpec
+from .config import BaseSpec, DataSpec, TrialSpec
 
 GIB = 1024**3
 CUDA_OVERHEAD = int(0.6 * GIB)
-CPU_RUNTIME = 36 * 2**20
+CPU_RUNTIME = 28 * 2**20
+CPU_PER_TRIAL = 3 * 2**20
 CPU_ACTIVATION_FACTOR = {True: 1.2, False: 1.4}  # keyed by gradient checkpointing
 _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -63,6 +71,25 @@ class MemoryEstimate:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
+
+
+@dataclass(frozen=True)
+class RowTokens:
+    """The most one training row of a dataset holds: its tokens (what activations scale with)
+    and its kept labels (where the engine forms logits)."""
+
+    tokens: int
+    kept: int
+
+
+def rows_of(data) -> RowTokens | None:
+    """`RowTokens` of a `qlora.data.TokenizedData`'s train split (read from its token offsets,
+    no row built), or None for a split that cannot tell (then the estimate takes seq_len)."""
+    try:
+        tokens, kept = data.train.longest()
+    except AttributeError:
+        return None
+    return RowTokens(int(tokens), int(kept))
 
 
 def model_shapes(source: str, trust_remote_code: bool = False) -> dict:
@@ -98,8 +125,11 @@ def quantized_linear_bytes(n: int, out_features: int, spec: BaseSpec) -> float:
 
 
 def estimate_memory(spec: BaseSpec, trials: list[TrialSpec], shapes: dict | None = None,
-                    device_type: str = "cuda") -> MemoryEstimate:
-    """Predicted peak bytes of training `trials` as one pack on `spec`'s base (see module doc)."""
+                    device_type: str = "cuda",
+                    rows: Mapping[DataSpec, RowTokens] | None = None) -> MemoryEstimate:
+    """Predicted peak bytes of training `trials` as one pack on `spec`'s base (see module doc).
+    `rows` gives each trial's data (`TrialSpec.data`) its longest row; data it does not name is
+    taken as rows of seq_len tokens, every label kept."""
     from .base import resolve_source
 
     shapes = shapes or model_shapes(resolve_source(spec), spec.trust_remote_code)
@@ -117,7 +147,9 @@ def estimate_memory(spec: BaseSpec, trials: list[TrialSpec], shapes: dict | None
         p = sum(t.rank_of(path) * (fi + fo) for path, (fi, fo) in targets)
         adapter_params += p
         optimizer += p * (2 if t.optimizer == "paged_adamw_8bit" else 8)
-        n = t.micro_batch_size * t.data.seq_len
+        row = (rows or {}).get(t.data)
+        longest = min(t.data.seq_len, row.tokens) if row else t.data.seq_len
+        n = t.micro_batch_size * longest
         per_layer_lora = sum(h + t.rank_of(path) for path, _ in targets) / max(1, L)
         block = (10 * h + 4 * i) * b + per_layer_lora * 4
         if device_type != "cuda":
@@ -127,12 +159,13 @@ def estimate_memory(spec: BaseSpec, trials: list[TrialSpec], shapes: dict | None
         else:
             per_token = L * block
         act += n * per_token
-        logit_tokens = max(logit_tokens, n)
+        logit_tokens = max(logit_tokens, t.micro_batch_size * min(longest, row.kept) if row
+                           else n)
     return MemoryEstimate(
         base=int(base), adapters=adapter_params * 4, gradients=adapter_params * 4,
         optimizer=int(optimizer), activations=int(act), logits=int(logit_tokens * V * 4 * 3),
         overhead=CUDA_OVERHEAD if device_type == "cuda" else CPU_RUNTIME + int(
-            loaded_unquantized),
+            loaded_unquantized) + CPU_PER_TRIAL * len(trials),
     )
 
 

@@ -48,6 +48,11 @@ class Concat(ReadOnly):
     def parts(self) -> list[Sequence]:
         return list(self._parts)
 
+    def longest(self) -> tuple[int, int]:
+        """The parts' `longest()` (tokens, kept labels), each the most over every part."""
+        got = [p.longest() for p in self._parts]
+        return max(t for t, _ in got), max(k for _, k in got)
+
     def _item(self, i: int):
         p = bisect.bisect_right(self._starts, i) - 1
         return self._parts[p][i - self._starts[p]]

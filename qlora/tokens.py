@@ -185,6 +185,12 @@ class Tokens:
                 starts.append(starts[-1] + len(chunk))
         self.starts = np.asarray(starts, dtype=np.int64)
 
+    def extents(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's token count and how many of its labels are kept (not masked)."""
+        lens = np.concatenate([np.diff(offsets) for _, offsets, _, _ in self.chunks])
+        masked = np.concatenate([m for _, _, m, _ in self.chunks])
+        return lens, lens - np.minimum(masked, lens)
+
     def example(self, j: int) -> Example:
         c = int(np.searchsorted(self.starts, j, side="right")) - 1
         values, offsets, masked, prompt = self.chunks[c]
@@ -228,6 +234,19 @@ class Examples(ReadOnly):
 
     def __len__(self) -> int:
         return len(self._rows) if self._packs is None else len(self._packs[1]) - 1
+
+    def longest(self) -> tuple[int, int]:
+        """(tokens, kept labels) of the longest row and of the row keeping the most labels: what
+        one row of a micro-batch can hold at most (`qlora.memory.RowTokens`)."""
+        lens, kept = self._tokens.extents()
+        if self._packs is None:
+            return int(lens[self._rows].max(initial=0)), int(kept[self._rows].max(initial=0))
+        members, offsets = self._packs
+        if len(members) == 0:
+            return 0, 0
+        starts = offsets[:-1]
+        return (int(np.add.reduceat(lens[members], starts).max()),
+                int(np.add.reduceat(kept[members], starts).max()))
 
     def _item(self, i: int) -> Example:
         if self._packs is None:

@@ -25,6 +25,8 @@ class DataShare:
 
     keys: dict = field(default_factory=dict)  # DataSpec -> cache key
     storage: str | None = None  # a URI with data/<key>/ folders, or None
+    # DataSpec -> qlora.memory.RowTokens: its longest training row, for the memory estimate
+    rows: dict = field(default_factory=dict)
 
     def open(self) -> dict:
         """{DataSpec: TokenizedData} of the keys this node has or can fetch (worker side)."""
@@ -64,9 +66,11 @@ def prepare(trials: list, storage: str | None = None) -> DataShare:
     `train.seq_len`) for data that cannot be read or keeps no training example."""
     from qlora.base import load_tokenizer
     from qlora.data import DataError, cache_dir, load_data
+    from qlora.memory import rows_of
 
     tokenizers: dict = {}
     keys: dict = {}
+    rows: dict = {}
     for trial in trials:
         spec = trial.spec.data
         if spec in keys:
@@ -75,7 +79,10 @@ def prepare(trials: list, storage: str | None = None) -> DataShare:
         if name not in tokenizers:
             tokenizers[name] = load_tokenizer(trial.base)
         try:
-            keys[spec] = load_data(spec, tokenizers[name]).key
+            data = load_data(spec, tokenizers[name])
+            keys[spec] = data.key
+            if (row := rows_of(data)) is not None:
+                rows[spec] = row
         except DataError as e:
             text = str(e)
             key = "data.eval_path" if spec.eval_path and text.startswith(f"{spec.eval_path}:") \
@@ -87,4 +94,4 @@ def prepare(trials: list, storage: str | None = None) -> DataShare:
 
         for key in sorted(set(keys.values())):
             put_data(cache_dir(key), uri)
-    return DataShare(keys, uri)
+    return DataShare(keys, uri, rows)

@@ -24,11 +24,12 @@ class Pack:
     trials: list  # orchestrator.search.trials.Trial: each has .trial_id, .spec and .base
 
 
-def estimate_bytes(base: BaseSpec, specs: list, device_type: str) -> int:
-    """`qlora.estimate_memory`'s total for these trial specs as one pack (shapes read once)."""
+def estimate_bytes(base: BaseSpec, specs: list, device_type: str, rows: dict | None = None) -> int:
+    """`qlora.estimate_memory`'s total for these trial specs as one pack (shapes read once);
+    `rows` ({DataSpec: RowTokens}, `DataShare.rows`) gives their data's longest rows."""
     from qlora import estimate_memory
 
-    return estimate_memory(base, specs, _shapes(base), device_type=device_type).total
+    return estimate_memory(base, specs, _shapes(base), device_type=device_type, rows=rows).total
 
 
 @functools.lru_cache(maxsize=8)

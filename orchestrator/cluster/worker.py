@@ -145,7 +145,8 @@ class PackWorker:
         started = time.time()
         cuda = torch.cuda.is_available()
         try:
-            estimate = estimate_bytes(base_spec, specs, "cuda" if cuda else "cpu")
+            estimate = estimate_bytes(base_spec, specs, "cuda" if cuda else "cpu",
+                                      data.rows if data is not None else None)
         except Exception:  # a model whose config the estimate cannot read: load it anyway
             estimate = None
         refused = self._refuse(estimate, len(specs)) if cuda and estimate else None

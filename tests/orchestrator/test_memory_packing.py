@@ -15,13 +15,13 @@ from orchestrator.search.expand import expand
 from orchestrator.tracking.keys import MEMORY_ESTIMATE_TAG, MEMORY_PEAK_TAG, PACK_TAG, TRIAL_ID_TAG
 
 
-def _budget_for(trials, k: int) -> int:
+def _budget_for(trials, k: int, rows: dict | None = None) -> int:
     """A budget that holds the k most memory-hungry trials as one pack, and not k + 1."""
     base = trials[0].base
     hungry = sorted((t.spec for t in trials),
-                    key=lambda s: estimate_bytes(base, [s], "cpu"), reverse=True)
-    fits = estimate_bytes(base, hungry[:k], "cpu") * (1 + MARGIN)
-    too_many = estimate_bytes(base, hungry[:k + 1], "cpu") * (1 + MARGIN)
+                    key=lambda s: estimate_bytes(base, [s], "cpu", rows), reverse=True)
+    fits = estimate_bytes(base, hungry[:k], "cpu", rows) * (1 + MARGIN)
+    too_many = estimate_bytes(base, hungry[:k + 1], "cpu", rows) * (1 + MARGIN)
     assert fits < too_many
     return int((fits + too_many) / 2)
 
@@ -53,8 +53,12 @@ def test_parse_bytes():
 
 @pytest.mark.slow
 def test_sweep_under_a_budget_for_two_records_estimate_and_peak(ray_session, tmp_path):
+    from orchestrator.cluster.datashare import prepare
+
     trials = _trials(tmp_path)
-    budget = _budget_for(trials, 2)
+    rows = prepare(trials).rows  # the data's longest rows, as the sweep's planner gets them
+    assert rows and all(r.tokens <= spec.seq_len for spec, r in rows.items())
+    budget = _budget_for(trials, 2, rows)
     cfg = tiny_sweeps.config(tmp_path, SweepDef(name="mem_t", params=dict(tiny_sweeps.SPACE)),
                              max_adapters=4)
     cfg = dataclasses.replace(cfg, pack=dataclasses.replace(cfg.pack, memory_budget=str(budget)))
@@ -68,7 +72,7 @@ def test_sweep_under_a_budget_for_two_records_estimate_and_peak(ray_session, tmp
     specs = {t.trial_id: t.spec for t in trials}
     for children in by_pack.values():
         estimate = estimate_bytes(trials[0].base, [specs[c.data.tags[TRIAL_ID_TAG]]
-                                                   for c in children], "cpu")
+                                                   for c in children], "cpu", rows)
         for child in children:
             assert int(child.data.tags[MEMORY_ESTIMATE_TAG]) == estimate <= budget
             assert int(child.data.tags[MEMORY_PEAK_TAG]) > 0

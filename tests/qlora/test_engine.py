@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from support.engine import DATA, DEVICE, by_id, curve, make_base, max_rel
 
 from qlora import (
     BaseSpec,
+    DataSpec,
     TrialSpec,
     adapter_logits,
     load_base,
@@ -208,6 +210,27 @@ def test_memory_estimate_matches_quantized_storage():
                             trials, device_type="cpu")
     assert no_gc.activations > est.activations
     assert estimate_memory(spec, trials[:1], device_type="cpu").total < est.total
+
+
+def test_memory_estimate_counts_the_longest_row_of_the_data_not_seq_len():
+    from qlora.base import load_tokenizer
+    from qlora.data import load_data
+    from qlora.memory import estimate_memory, rows_of
+
+    spec = BaseSpec(compute_dtype="float32", gradient_checkpointing=True)
+    data_spec = DataSpec(seq_len=128)  # the bundled rows, tokenized for real (cached)
+    tokenized = load_data(data_spec, load_tokenizer(spec))
+    row = rows_of(tokenized)
+    train = list(tokenized.train)
+    assert row.tokens == max(len(e.input_ids) for e in train) < data_spec.seq_len
+    assert row.kept == max(sum(x != -100 for x in e.labels) for e in train) < row.tokens
+    trials = [dataclasses.replace(t, data=data_spec) for t in _trials()]
+    full = estimate_memory(spec, trials, device_type="cpu")
+    fitted = estimate_memory(spec, trials, device_type="cpu", rows={data_spec: row})
+    assert fitted.activations == pytest.approx(
+        full.activations * row.tokens / data_spec.seq_len, rel=1e-6)
+    assert fitted.logits == full.logits * row.kept // data_spec.seq_len
+    assert (fitted.base, fitted.optimizer) == (full.base, full.optimizer)
 
 
 @pytest.mark.gpu
