@@ -1,0 +1,133 @@
+"""Where one adapter's step goes, this engine beside the standard recipe (K=1, steps 2..N).
+
+    python -m bench.profile_one [--shape wide] [--kind text] [--steps 12]
+
+Each side runs in a fresh process (`bench.engine`'s setup, the same data and trial); the
+profiler (torch.profiler, CPU) is on from the end of step 1 to the end of step N, so loads,
+data opening and the final evaluation are left out on both sides. Prints, per step, the ops
+that take the most self time on either side, and the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+TOP = 12
+
+
+def _table(prof, steps: int) -> dict:
+    return {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+
+
+def side_engine(args: dict) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.engine import _setup
+    from qlora import load_base, train_pack
+
+    spec, trials = _setup({**args, "k": 1})
+    base = load_base(spec)
+    prof = profile(activities=[ProfilerActivity.CPU])
+    seen = []
+
+    def on_metrics(trial_id, step, metrics):
+        if "train_loss" not in metrics:
+            return None
+        seen.append(time.perf_counter())
+        if len(seen) == 1:
+            prof.start()
+        elif len(seen) == args["steps"]:
+            prof.stop()
+        return None
+
+    train_pack(base, trials[:1], on_metrics=on_metrics)
+    return {"ms": _table(prof, args["steps"] - 1),
+            "wall_ms": (seen[-1] - seen[0]) * 1e3 / (args["steps"] - 1)}
+
+
+def side_recipe(args: dict) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoTokenizer
+
+    from bench.engine import _setup, standard_recipe
+    from qlora.base import resolve_source
+    from qlora.data import load_data
+    from qlora.stream import TrialStream, collate
+
+    spec, trials = _setup({**args, "k": 1})
+    trial = trials[0]
+    model, params, opt = standard_recipe(resolve_source(spec), spec.compute_dtype, trial.r,
+                                         trial.alpha, trial.learning_rate, trial.dropout)
+    tok = AutoTokenizer.from_pretrained(resolve_source(spec))
+    data = load_data(trial.data, tok)
+    stream = TrialStream(len(data.train), trial.micro_batch_size, trial.seed)
+    model.train()
+    prof = profile(activities=[ProfilerActivity.CPU])
+    marks = []
+    for step in range(args["steps"]):
+        batch = collate([[data.train[i] for i in stream.next_indices()]], tok.pad_token_id,
+                        torch.device("cpu"))
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    labels=batch.labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+        if step == 0:
+            prof.start()
+    prof.stop()
+    return {"ms": _table(prof, args["steps"] - 1),
+            "wall_ms": (marks[-1] - marks[0]) * 1e3 / (args["steps"] - 1)}
+
+
+def _run(side: str, args: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "bench.profile_one", "--side", side,
+                           json.dumps(args)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{side} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_one", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="wide")
+    parser.add_argument("--kind", default="text")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("args", nargs="?", help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    if opts.side:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        side = side_engine if opts.side == "engine" else side_recipe
+        print(json.dumps(side(json.loads(opts.args))))
+        return 0
+    args = {"model": opts.shape, "kind": opts.kind, "dtype": "float32", "seq_len": 128,
+            "micro_batch": 2, "steps": opts.steps}
+    ours, theirs = _run("engine", args), _run("recipe", args)
+    print(f"K=1, {opts.shape}, {opts.kind}, steps 2..{opts.steps}: engine "
+          f"{ours['wall_ms']:.0f} ms/step, recipe {theirs['wall_ms']:.0f} ms/step "
+          f"(x{ours['wall_ms'] / theirs['wall_ms']:.2f})")
+    keys = sorted(set(ours["ms"]) | set(theirs["ms"]),
+                  key=lambda k: -max(ours["ms"].get(k, 0), theirs["ms"].get(k, 0)))[:TOP]
+    print(f"  {'op (self CPU time per step)':44s} {'engine':>9s} {'recipe':>9s}")
+    for k in keys:
+        print(f"  {k[:44]:44s} {ours['ms'].get(k, 0):7.1f}ms {theirs['ms'].get(k, 0):7.1f}ms")
+    print(f"  {'all ops':44s} {sum(ours['ms'].values()):7.1f}ms "
+          f"{sum(theirs['ms'].values()):7.1f}ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
