@@ -173,16 +173,14 @@ def standard_recipe(path: str, dtype_name: str, r: int, alpha: float, lr: float,
     return model, params, bnb.optim.PagedAdamW32bit(params, lr=lr, weight_decay=0.0)
 
 
-def _recipe_trial(spec, trial) -> float:
-    """Load the base, train one trial with `standard_recipe` and evaluate it once on its held-out
-    examples (as the engine does at a trial's end); returns the mean step time over steps 2..N
-    (step 1 holds one-time warm-up, as in `case_engine_one`)."""
+def recipe_steps(spec, trial, after_step=None):
+    """Load the base and train `trial` with `standard_recipe` (the engine's data, order and
+    batches); `after_step(i)` runs after step i. Returns (model, tokenizer, data, step ends)."""
     import torch
     from transformers import AutoTokenizer
 
     from qlora.base import resolve_source
     from qlora.data import load_data
-    from qlora.evaluate import EVAL_BATCH_SIZE
     from qlora.stream import TrialStream, collate
 
     model, params, opt = standard_recipe(resolve_source(spec), spec.compute_dtype, trial.r,
@@ -193,7 +191,7 @@ def _recipe_trial(spec, trial) -> float:
     device = next(model.parameters()).device
     model.train()
     marks = []
-    for _ in range(trial.max_steps):
+    for step in range(trial.max_steps):
         batch = collate([[data.train[i] for i in stream.next_indices()]],
                         tok.pad_token_id, device)
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -205,6 +203,22 @@ def _recipe_trial(spec, trial) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         marks.append(time.perf_counter())
+        if after_step is not None:
+            after_step(step)
+    return model, tok, data, marks
+
+
+def _recipe_trial(spec, trial) -> float:
+    """Load the base, train one trial with `standard_recipe` and evaluate it once on its held-out
+    examples (as the engine does at a trial's end); returns the mean step time over steps 2..N
+    (step 1 holds one-time warm-up, as in `case_engine_one`)."""
+    import torch
+
+    from qlora.evaluate import EVAL_BATCH_SIZE
+    from qlora.stream import collate
+
+    model, tok, data, marks = recipe_steps(spec, trial)
+    device = next(model.parameters()).device
     # The final evaluation the engine runs for every trial: the same held-out examples, batched.
     model.eval()
     with torch.no_grad():

@@ -51,37 +51,14 @@ def side_engine(args: dict) -> dict:
 
 
 def side_recipe(args: dict) -> dict:
-    import torch
     from torch.profiler import ProfilerActivity, profile
-    from transformers import AutoTokenizer
 
-    from bench.engine import _setup, standard_recipe
-    from qlora.base import resolve_source
-    from qlora.data import load_data
-    from qlora.stream import TrialStream, collate
+    from bench.engine import _setup, recipe_steps
 
     spec, trials = _setup({**args, "k": 1})
-    trial = trials[0]
-    model, params, opt = standard_recipe(resolve_source(spec), spec.compute_dtype, trial.r,
-                                         trial.alpha, trial.learning_rate, trial.dropout)
-    tok = AutoTokenizer.from_pretrained(resolve_source(spec))
-    data = load_data(trial.data, tok)
-    stream = TrialStream(len(data.train), trial.micro_batch_size, trial.seed)
-    model.train()
     prof = profile(activities=[ProfilerActivity.CPU])
-    marks = []
-    for step in range(args["steps"]):
-        batch = collate([[data.train[i] for i in stream.next_indices()]], tok.pad_token_id,
-                        torch.device("cpu"))
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    labels=batch.labels)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        marks.append(time.perf_counter())
-        if step == 0:
-            prof.start()
+    _, _, _, marks = recipe_steps(spec, trials[0],
+                                  after_step=lambda step: step == 0 and prof.start())
     prof.stop()
     return {"ms": _table(prof, args["steps"] - 1),
             "wall_ms": (marks[-1] - marks[0]) * 1e3 / (args["steps"] - 1)}
