@@ -287,11 +287,12 @@ CASES = {"packed": case_packed, "recipe": case_recipe,
          "engine_one": case_engine_one, "profile": case_profile}
 
 
-def run_case(case: str, args: dict) -> dict:
-    """Run one case in a fresh subprocess and return its JSON result."""
+def run_case(case: str, args: dict, module: str = "bench.engine") -> dict:
+    """Run one case of `module` (`python -m MODULE CASE ARGS`) in a fresh subprocess and return
+    its JSON result."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-m", "bench.engine", case, json.dumps(args)],
+    done = subprocess.run([sys.executable, "-m", module, case, json.dumps(args)],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"bench case {case} failed:\n{done.stderr[-3000:]}")

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
+
+from bench.engine import run_case
 
 TOP = 12
 
@@ -64,35 +64,16 @@ def side_recipe(args: dict) -> dict:
             "wall_ms": (marks[-1] - marks[0]) * 1e3 / (args["steps"] - 1)}
 
 
-def _run(side: str, args: dict) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-m", "bench.profile_one", "--side", side,
-                           json.dumps(args)], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{side} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_one", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="wide")
     parser.add_argument("--kind", default="text")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--side", help=argparse.SUPPRESS)
-    parser.add_argument("args", nargs="?", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
-    if opts.side:
-        import warnings
-
-        warnings.filterwarnings("ignore")
-        side = side_engine if opts.side == "engine" else side_recipe
-        print(json.dumps(side(json.loads(opts.args))))
-        return 0
     args = {"model": opts.shape, "kind": opts.kind, "dtype": "float32", "seq_len": 128,
             "micro_batch": 2, "steps": opts.steps}
-    ours, theirs = _run("engine", args), _run("recipe", args)
+    ours, theirs = (run_case(side, args, "bench.profile_one") for side in ("engine", "recipe"))
     print(f"K=1, {opts.shape}, {opts.kind}, steps 2..{opts.steps}: engine "
           f"{ours['wall_ms']:.0f} ms/step, recipe {theirs['wall_ms']:.0f} ms/step "
           f"(x{ours['wall_ms'] / theirs['wall_ms']:.2f})")
@@ -106,5 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+SIDES = {"engine": side_engine, "recipe": side_recipe}
+
 if __name__ == "__main__":
-    sys.exit(main())
+    if len(sys.argv) == 3 and sys.argv[1] in SIDES:  # one side, in its own process (run_case)
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        print(json.dumps(SIDES[sys.argv[1]](json.loads(sys.argv[2]))))
+    else:
+        sys.exit(main())

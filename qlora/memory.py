@@ -85,10 +85,10 @@ class RowTokens:
 def rows_of(data) -> RowTokens | None:
     """`RowTokens` of a `qlora.data.TokenizedData`'s train split (read from its token offsets,
     no row built), or None for a split that cannot tell (then the estimate takes seq_len)."""
-    try:
-        tokens, kept = data.train.longest()
-    except AttributeError:
+    longest = getattr(data.train, "longest", None)
+    if longest is None:
         return None
+    tokens, kept = longest()
     return RowTokens(int(tokens), int(kept))
 
 
